@@ -1,0 +1,113 @@
+"""`PassAtKEvaluation`: n samples per validation/test problem -> avg@n and unbiased pass@k."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from trd_lightning.metrics import PassAtK
+from trd_lightning.rollout import Sampling, decode_responses
+
+
+class PassAtKEvaluation(Callback):
+    """Samples ``n`` completions per problem of each val/test batch, verifies them with the task
+    and logs ``{stage}/avg@{n}`` and ``{stage}/pass@{k}``.
+
+    Works with any LightningModule that implements `trd_lightning.protocol.RolloutModel`
+    (``task``, ``tokenizer``, ``sample``). Sampling is seeded per batch inside a forked RNG, so the
+    numbers are reproducible (``trd test --ckpt_path`` repeats what fit logged) and the training RNG
+    stream is left untouched.
+
+    Args:
+        n: samples per problem (paper: 16).
+        ks: the k of each pass@k; every k must be <= n.
+        sampling: paper: temperature 0.6, top-p 0.95.
+        context: ``student`` (the problem alone) or ``privileged`` (with the reference solution:
+            evaluates an OPSD teacher role).
+        role: which model samples (``student`` or ``teacher``).
+        seed: base seed of the evaluation samples.
+        prefix: put before the metric names (``val/{prefix}avg@16``), to run several evaluations.
+    """
+
+    def __init__(
+        self,
+        n: int = 16,
+        ks: Sequence[int] = (1, 8),
+        sampling: Sampling | None = None,
+        context: str = "student",
+        role: str = "student",
+        seed: int = 1234,
+        skip_sanity_check: bool = True,
+        prefix: str = "",
+    ):
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        bad = [k for k in ks if k > n]
+        if bad:
+            raise ValueError(f"pass@k needs k <= n: got k={bad} with n={n} samples; raise n or drop those k")
+        if context not in ("student", "privileged"):
+            raise ValueError(f"context must be 'student' or 'privileged', got {context!r}")
+        self.n, self.ks, self.context, self.role, self.seed = n, tuple(ks), context, role, seed
+        self.sampling = sampling or Sampling(temperature=0.6, top_p=0.95)
+        self.skip_sanity_check = skip_sanity_check
+        self.prefix = prefix
+        self.metric = PassAtK(ks=self.ks, num_samples=n)
+        self.last: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        # Several instances (student and privileged context, say) may sit in one Trainer.
+        return self._generate_state_key(prefix=self.prefix, context=self.context, role=self.role, n=self.n)
+
+    def _prompt(self, module, problem) -> str:
+        task = module.task
+        return task.privileged_prompt(problem) if self.context == "privileged" else task.student_prompt(problem)
+
+    @torch.no_grad()
+    def evaluate_batch(self, module: LightningModule, problems: list, batch_idx: int) -> torch.Tensor:
+        """Correct-sample counts ``[B]`` for one batch of problems."""
+        prompts = [self._prompt(module, p) for p in problems]
+        rank = module.global_rank if module._trainer is not None else 0
+        devices = [module.device] if module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed + 100_003 * batch_idx + 7919 * rank)
+            ids, mask = module.sample(prompts, role=self.role, sampling=self.sampling, num_return_sequences=self.n)
+        texts = decode_responses(module.tokenizer, ids, mask)
+        correct = torch.tensor([module.task.verify(problems[i // self.n], t) for i, t in enumerate(texts)])
+        return correct.view(len(problems), self.n).sum(-1)
+
+    def _skip(self, trainer: Trainer) -> bool:
+        return self.skip_sanity_check and trainer.sanity_checking
+
+    def _on_batch_end(self, trainer, module, batch, batch_idx):
+        if self._skip(trainer):
+            return
+        problems = batch["problems"]
+        correct = self.evaluate_batch(module, problems, batch_idx)
+        ids = torch.tensor([module.task.problem_id(p) for p in problems], dtype=torch.long)
+        self.metric.to(module.device)
+        self.metric.update(correct.to(module.device), self.n, ids.to(module.device))
+
+    def _on_epoch_end(self, trainer, module, stage):
+        if self._skip(trainer):
+            return
+        values = self.metric.compute()
+        self.metric.reset()
+        self.last = {f"{stage}/{self.prefix}{k}": float(v) for k, v in values.items()}
+        for name, value in self.last.items():
+            # Already synchronised across ranks by the metric: log the same value everywhere.
+            module.log(name, value, prog_bar=name.endswith(f"avg@{self.n}"))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._on_batch_end(trainer, pl_module, batch, batch_idx)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self._on_epoch_end(trainer, pl_module, "val")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._on_batch_end(trainer, pl_module, batch, batch_idx)
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        self._on_epoch_end(trainer, pl_module, "test")

@@ -1,0 +1,107 @@
+"""`PromptDataModule`: batches of problems from a `Task`; rollouts attached on the fly.
+
+Rollouts are made in `on_after_batch_transfer`, i.e. when the batch is about to be used, from
+``trainer.lightning_module`` as it is at that moment. A DataLoader worker or prefetch never sees
+the model, so the rollout of step t always comes from the weights after update t-1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from trd_lightning.tasks.base import Task
+
+
+class ProblemDataset(Dataset):
+    def __init__(self, problems: Sequence):
+        self.problems = problems
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def __getitem__(self, index):
+        return self.problems[index]
+
+
+def collate_problems(problems: list) -> dict:
+    return {"problems": list(problems)}
+
+
+def move_batch_to_device(batch: dict, device) -> dict:
+    """Move tensors only: problems are task records (possibly frozen dataclasses), left as they are."""
+    return {k: v if k == "problems" else move_data_to_device(v, device) for k, v in batch.items()}
+
+
+class PromptDataModule(LightningDataModule):
+    """Prompt batches of a task's train / val / test problems.
+
+    Map-style datasets, so Lightning's `DistributedSampler` shards them by rank and gives every
+    rank the same number of batches (it pads by repeating problems; `PassAtK` de-duplicates them).
+
+    Args:
+        task: the problem source (the embedded `ArithmeticTask` by default).
+        batch_size: problems per training step (one rollout each).
+        eval_batch_size: problems per validation/test batch (each sampled n times by Pass@k).
+        shuffle: shuffle the training problems (seeded by ``seed_everything``).
+    """
+
+    def __init__(
+        self,
+        task: Task | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if task is None:
+            from trd_lightning.tasks import ArithmeticTask
+
+            task = ArithmeticTask()
+        self.task = task
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.shuffle, self.num_workers = shuffle, num_workers
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        problems = self.task.problems(split)
+        if len(problems) == 0:
+            raise ValueError(f"the task has no {split} problems; check its data file or size settings")
+        return DataLoader(
+            ProblemDataset(problems),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=split == "train" and len(problems) >= batch_size,
+            collate_fn=collate_problems,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, False)
+
+    def transfer_batch_to_device(self, batch: dict, device, dataloader_idx: int) -> dict:
+        return move_batch_to_device(batch, device)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            module = trainer.lightning_module
+            make_rollout = getattr(module, "make_rollout", None)
+            if make_rollout is not None:
+                batch["rollout"] = make_rollout(batch["problems"])
+        return batch

@@ -1,0 +1,153 @@
+"""Loading and building the models: Hugging Face paths, the built-in tiny models, compatibility.
+
+Everything here runs before any compute is spent, so every failure names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+BUILTIN_PREFIX = "builtin:"
+ASSETS = Path(__file__).parent / "assets"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def builtin_models() -> list[str]:
+    return sorted(f"{BUILTIN_PREFIX}{p.parent.name}/{p.name}" for p in ASSETS.glob("*/*") if (p / "config.json").exists())
+
+
+def resolve_model_path(name: str | Path) -> Path:
+    """``builtin:arith/teacher`` -> the checkpoint shipped in the package; anything else is a path.
+
+    Hub ids are deliberately not resolved: this framework never downloads weights at run time.
+    """
+    name = str(name)
+    if name.startswith(BUILTIN_PREFIX):
+        path = ASSETS / name[len(BUILTIN_PREFIX):]
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"unknown built-in model {name!r}; available: {', '.join(builtin_models()) or 'none'}"
+            )
+        return path
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model path {name!r} does not exist; pass a directory written by save_pretrained "
+            f"(config.json + weights), or one of: {', '.join(builtin_models())}"
+        )
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"model path {name!r} has no config.json; is it a save_pretrained directory?")
+    if not any((path / f).exists() for f in _WEIGHT_FILES):
+        raise FileNotFoundError(
+            f"model path {name!r} holds no weights (looked for {', '.join(_WEIGHT_FILES)}); "
+            "save the model with save_pretrained or point to the right directory"
+        )
+    return path
+
+
+def load_tokenizer(name: str | Path) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        # Padding only ever feeds masked positions, so reusing EOS is safe; say so once.
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer at {name!r} has neither a pad nor an EOS token; add one and save it again")
+        tok.pad_token = tok.eos_token
+        tok.init_kwargs["pad_token_was_eos"] = True
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(
+    name: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    quantization: dict[str, Any] | None = None,
+    trainable: bool = True,
+) -> torch.nn.Module:
+    """A causal LM from a path; frozen (``eval``, no grad) unless ``trainable``.
+
+    ``from_pretrained`` returns eval mode and Lightning no longer calls ``train()`` for us, so the
+    mode is set explicitly here.
+    """
+    path = resolve_model_path(name)
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if quantization:
+        from trd_lightning.quantization import bitsandbytes_config
+
+        kwargs.update(bitsandbytes_config(**quantization))
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if trainable:
+        model.train()
+    else:
+        freeze(model)
+    return model
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def build_tiny_causal_lm(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 256,
+    seed: int | None = None,
+) -> LlamaForCausalLM:
+    """A Llama-style model from config, sized for CPU tests and the embedded task."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def check_compatible(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase) -> None:
+    """Per-token distillation compares distributions index by index: the vocabularies must agree."""
+    s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if s_vocab != t_vocab:
+        only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
+        only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
+        moved = sorted(k for k in set(s_vocab) & set(t_vocab) if s_vocab[k] != t_vocab[k])[:5]
+        raise ValueError(
+            "student and teacher tokenizers differ: "
+            f"sizes {len(s_vocab)} vs {len(t_vocab)}; only in student {only_s}; only in teacher {only_t}; "
+            f"different ids for {moved}. Per-token distillation needs one shared vocabulary: "
+            "use a teacher from the same model family (same tokenizer) as the student"
+        )
+    for attr in ("eos_token_id", "pad_token_id"):
+        s, t = getattr(student_tokenizer, attr), getattr(teacher_tokenizer, attr)
+        if s != t:
+            raise ValueError(f"student and teacher tokenizers disagree on {attr}: {s} vs {t}; save both with the same special tokens")
+
+
+def check_model_matches_tokenizer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, role: str) -> None:
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    if vocab is not None and vocab < len(tokenizer):
+        raise ValueError(
+            f"the {role} model's output vocabulary ({vocab}) is smaller than its tokenizer ({len(tokenizer)}); "
+            "resize the embeddings or use the tokenizer the model was trained with"
+        )

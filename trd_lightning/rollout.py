@@ -1,0 +1,186 @@
+"""Rollouts: sampling responses with the KV cache, and laying them out for scoring.
+
+Layout: every context is ``[left-padded prompt | response block]``. Because prompts are left-padded
+to a common width, the response block starts at the same column in every row, so the logits that
+predict the response are one slice ``[:, P-1 : P+N-1]`` for the student and the teacher alike, even
+though their prompts differ (``x`` versus ``c``). No gather, no per-row Python loop.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class Sampling:
+    """How rollouts are sampled (temperature 0 means greedy)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 48
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature == 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k or None,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+
+@dataclass
+class Context:
+    """One role's view of a batch: ``input_ids = [left-padded prompt (width P) | response block]``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_width: int
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        # Positions count real tokens only, so left padding never shifts a token's position.
+        return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class Rollout:
+    """Responses to a batch of problems and the contexts under which each role scores them."""
+
+    problems: list
+    response_ids: torch.Tensor  # [B, N], pad after the end of each response
+    response_mask: torch.Tensor  # [B, N] bool: response tokens up to and including EOS
+    student: Context
+    teacher: Context
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+    def replace(self, **changes) -> Rollout:
+        return replace(self, **changes)
+
+
+_warned_truncation = False
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device | str, max_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids. Over-long prompts keep their *last* ``max_length`` tokens.
+
+    The end of a prompt is where the question and the answer marker are; the start (a long
+    reference or attempt) is what can be lost with the least harm. A warning says it happened.
+    """
+    global _warned_truncation
+    enc = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    if not all(enc):
+        raise ValueError("empty prompt: every prompt must encode to at least one token")
+    if max_length is not None and max(map(len, enc)) > max_length:
+        if not _warned_truncation:
+            warnings.warn(f"prompts longer than {max_length} tokens are truncated from the left", stacklevel=2)
+            _warned_truncation = True
+        enc = [ids[-max_length:] for ids in enc]
+    width = max(map(len, enc))
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(enc), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(enc), width), dtype=torch.long)
+    for i, row in enumerate(enc):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
+    """True up to and including the first EOS of each row (the whole row if none)."""
+    eos = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=response_ids.device)
+    is_eos = torch.isin(response_ids, eos).long()
+    ended_before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before each position
+    return ended_before == 0
+
+
+@torch.no_grad()
+def sample_responses(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    sampling: Sampling,
+    *,
+    num_return_sequences: int = 1,
+    synced_gpus: bool = False,
+    **extra: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample with ``generate`` (KV cache on); returns the response block and its mask, trimmed."""
+    out = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+        num_return_sequences=num_return_sequences,
+        synced_gpus=synced_gpus,
+        **sampling.generate_kwargs(),
+        **extra,
+    )
+    response = out[:, prompt_ids.shape[1]:]
+    mask = response_mask_from_ids(response, tokenizer.eos_token_id)
+    width = int(mask.sum(-1).max().clamp(min=1))
+    response, mask = response[:, :width], mask[:, :width]
+    return response.masked_fill(~mask, tokenizer.pad_token_id), mask
+
+
+def build_context(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    max_prompt_length: int | None = None,
+) -> Context:
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, response_ids.device, max_prompt_length)
+    return Context(
+        input_ids=torch.cat([prompt_ids, response_ids], 1),
+        attention_mask=torch.cat([prompt_mask, response_mask.long()], 1),
+        prompt_width=prompt_ids.shape[1],
+    )
+
+
+def response_logits(model: torch.nn.Module, context: Context) -> torch.Tensor:
+    """Logits predicting each response token: ``[B, N, V]``, aligned with the response block.
+
+    ``logits_to_keep`` skips the LM head on prompt positions (a long teacher context costs no
+    vocabulary projection).
+    """
+    n = context.input_ids.shape[1] - context.prompt_width
+    out = model(
+        input_ids=context.input_ids,
+        attention_mask=context.attention_mask,
+        position_ids=context.position_ids,
+        logits_to_keep=n + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1]
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    rows = [ids[m].tolist() for ids, m in zip(response_ids, response_mask)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)

@@ -1,0 +1,43 @@
+"""The contract between a problem source and the rest of the framework.
+
+A `Task` owns everything that is specific to a domain: where problems come from, how each of the
+paper's contexts is rendered as text, and how a response is judged. Modules, data modules and
+callbacks only ever talk to this protocol, so a real math task (or a user's own) drops in unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+Problem = Any  # a task-specific record; it must be picklable (it travels through DataLoaders)
+
+SPLITS = ("train", "val", "test")
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What every component needs to know about a domain.
+
+    Contexts (notation of the paper): the student sees `x` (`student_prompt`); the OPSD teacher sees
+    `(x, y*)` (`privileged_prompt`); the TRD refiner sees `(x, y_o)` or `(x, y*, y_o)`
+    (`refinement_prompt`). Every prompt is the text right before the first response token, so the
+    same response tokens can follow any of them.
+    """
+
+    #: Strings whose next-token mass signals that the writer starts a correction ("Wait", "!").
+    correction_onsets: Sequence[str]
+
+    def problems(self, split: str) -> Sequence[Problem]: ...
+
+    def student_prompt(self, problem: Problem) -> str: ...
+
+    def privileged_prompt(self, problem: Problem) -> str: ...
+
+    def refinement_prompt(self, problem: Problem, attempt: str, *, privileged: bool = False) -> str: ...
+
+    def reference_solution(self, problem: Problem) -> str: ...
+
+    def verify(self, problem: Problem, response: str) -> bool: ...
+
+    def problem_id(self, problem: Problem) -> int: ...
