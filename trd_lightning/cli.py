@@ -9,11 +9,39 @@ from __future__ import annotations
 
 import sys
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
+
+from trd_lightning.audit import AuditOptions, audit_with_trainer
+
+
+class TRDTrainer(Trainer):
+    """Lightning's Trainer plus ``audit``. LightningCLI subcommands are Trainer methods (it reads
+    their signatures for the subcommand's arguments and calls ``trainer.<subcommand>``), so this is
+    how ``trd audit`` gets the same config, ``--print_config`` and ``--ckpt_path`` as ``trd test``."""
+
+    def audit(
+        self,
+        model: LightningModule,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        audit: AuditOptions | None = None,
+    ) -> dict:
+        """Prefix-failure audit: sample student rollouts, diagnose the teacher along them, write a report.
+
+        Args:
+            ckpt_path: a checkpoint of ``trd fit`` whose student weights are audited (default: the
+                config's initial weights).
+            audit: the audit's options (``--audit.num_problems``, ``--audit.output_dir``, ...).
+        """
+        return audit_with_trainer(self, model, datamodule, ckpt_path, audit)
 
 
 class TRDCli(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "audit": {"model", "datamodule"}}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--test_after_fit",
@@ -36,6 +64,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TRDCli:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        trainer_class=TRDTrainer,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         args=args,

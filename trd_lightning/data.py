@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lightning.fabric.utilities.apply_func import move_data_to_device
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from trd_lightning.resume import EpochShuffleSampler, ResumableDataLoader, global_seed
 from trd_lightning.tasks.base import Task
 
 
@@ -69,17 +71,35 @@ class PromptDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.shuffle, self.num_workers = shuffle, num_workers
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _problems(self, split: str) -> Sequence:
         problems = self.task.problems(split)
         if len(problems) == 0:
             raise ValueError(f"the task has no {split} problems; check its data file or size settings")
-        return DataLoader(
-            ProblemDataset(problems),
+        return problems
+
+    def setup(self, stage: str) -> None:
+        # An empty split fails here, before any compute: Lightning builds the val loader only at
+        # the first validation, i.e. after training steps have been paid for.
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}.get(stage, ())
+        trainer = self.trainer
+        if stage == "fit" and trainer is not None and trainer.limit_val_batches == 0:
+            splits = ("train",)
+        for split in splits:
+            self._problems(split)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        problems = self._problems(split)
+        dataset = ProblemDataset(problems)
+        # Resumable mid-epoch (see trd_lightning.resume); the generator keeps the loader off the
+        # global RNG, which the rollouts sample from.
+        return ResumableDataLoader(
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(dataset) if shuffle else None,
             drop_last=split == "train" and len(problems) >= batch_size,
             collate_fn=collate_problems,
             num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(global_seed()),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -100,6 +120,10 @@ class PromptDataModule(LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         trainer = self.trainer
         if trainer is not None and trainer.training:
+            # Counted when used, not when fetched (Lightning pre-fetches): what a resume skips.
+            loader = trainer.train_dataloader
+            if isinstance(loader, ResumableDataLoader):
+                loader.mark_consumed()
             module = trainer.lightning_module
             make_rollout = getattr(module, "make_rollout", None)
             if make_rollout is not None:

@@ -12,13 +12,15 @@ current student; callbacks such as `TrajectoryRevision` may have replaced it):
 from __future__ import annotations
 
 import copy
-import math
+import time
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 
+from trd_lightning.lora import apply_lora, is_lora, trainable_parameter_names
 from trd_lightning.losses import LOSSES, compute_loss
 from trd_lightning.models import (
     check_compatible,
@@ -37,7 +39,13 @@ from trd_lightning.rollout import (
     response_logits,
     sample_responses,
 )
+from trd_lightning.resume import rng_states, set_rng_states
+from trd_lightning.sharding import configure_sharding
 from trd_lightning.tasks.base import Task
+
+# `sampling` is a hyperparameter, so it is pickled into every checkpoint, and Lightning resumes
+# with torch.load(weights_only=True): without this, `trd fit --ckpt_path` cannot read its own file.
+torch.serialization.add_safe_globals([Sampling])
 
 LossName = Literal["reverse_kl", "forward_kl", "generalized_jsd", "topk_reverse_kl", "k1", "k3"]
 
@@ -57,6 +65,13 @@ class DistillationModule(LightningModule):
         sampling: how training rollouts are sampled.
         max_prompt_length: prompts longer than this keep their last tokens (see `encode_prompts`).
         optimizer / lr_scheduler: built from the student's trainable parameters only.
+        student_lora: `peft.LoraConfig` arguments (``{r: 64, lora_alpha: 128}``); only the adapters
+            train and only they are checkpointed (see `trd_lightning.lora`).
+        teacher_quantization: bitsandbytes settings for the OPD teacher (``{load_in_4bit: true}``;
+            see `trd_lightning.quantization.bitsandbytes_config`).
+        student_dtype / teacher_dtype: load dtype (``bfloat16``, ``float16``, ``float32``).
+        nonfinite: what a NaN/inf training loss does: ``skip`` the update (counted in
+            ``train/skipped_nonfinite``) or ``raise``, after saving the batch to the run folder.
     """
 
     def __init__(
@@ -73,6 +88,11 @@ class DistillationModule(LightningModule):
         task: Task | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        student_lora: dict[str, Any] | None = None,
+        teacher_quantization: dict[str, Any] | None = None,
+        student_dtype: str | None = None,
+        teacher_dtype: str | None = None,
+        nonfinite: Literal["skip", "raise"] = "skip",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["task", "optimizer", "lr_scheduler"])
@@ -82,6 +102,8 @@ class DistillationModule(LightningModule):
             raise ValueError("mode='opd' needs a teacher path; for self-distillation set mode='opsd'")
         if not 0 < ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
+        if teacher_quantization and mode != "opd":
+            raise ValueError("teacher_quantization applies to a separate OPD teacher; in OPSD the teacher is the student")
         self.mode, self.opsd_teacher, self.ema_decay = mode, opsd_teacher, ema_decay
         self.loss_name, self.loss_kwargs = loss, dict(loss_kwargs or {})
         self.sampling = sampling or Sampling()
@@ -92,17 +114,27 @@ class DistillationModule(LightningModule):
         # Everything that can fail on bad input runs here, before a single forward pass.
         self._tokenizer = load_tokenizer(student)
         self._check_loss_kwargs()
-        self.student = load_causal_lm(student, trainable=True)
+        self.student = load_causal_lm(student, dtype=student_dtype, trainable=True)
+        if student_lora:
+            # Before the OPSD teacher copy below, so an EMA teacher pairs with the student 1:1.
+            self.student = apply_lora(self.student, student_lora)
         check_model_matches_tokenizer(self.student, self._tokenizer, "student")
         if mode == "opd":
             check_compatible(self._tokenizer, load_tokenizer(teacher))
-            self.teacher = load_causal_lm(teacher, trainable=False)
+            self.teacher = load_causal_lm(teacher, dtype=teacher_dtype, quantization=teacher_quantization, trainable=False)
             check_model_matches_tokenizer(self.teacher, self._tokenizer, "teacher")
             self._check_same_logit_width()
+        self._check_context_length()
         elif opsd_teacher in ("frozen", "ema"):
             self.teacher = freeze(copy.deepcopy(self.student))
         else:
             self.teacher = None  # live: the student itself plays the teacher under no_grad
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.skipped_nonfinite = 0  # training state: checkpointed
+        self._discard_grads = False
+        self._rng_to_restore: dict | None = None
 
     # --- protocol (see trd_lightning.protocol) --------------------------------------------------
     @property
@@ -149,6 +181,7 @@ class DistillationModule(LightningModule):
     # --- rollouts ---------------------------------------------------------------------------
     def make_rollout(self, problems: list) -> Rollout:
         """Sample ``y_o`` from the current student and lay out the student and teacher contexts."""
+        start = time.perf_counter()
         student_prompts = [self.task.student_prompt(p) for p in problems]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, student_prompts, self.device, self.max_prompt_length)
         response, mask = sample_responses(
@@ -156,7 +189,7 @@ class DistillationModule(LightningModule):
         )
         student = Context(torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask.long()], 1), prompt_ids.shape[1])
         teacher = build_context(self.tokenizer, [self.teacher_prompt(p) for p in problems], response, mask, self.max_prompt_length)
-        return Rollout(list(problems), response, mask, student, teacher)
+        return Rollout(list(problems), response, mask, student, teacher, {"seconds": time.perf_counter() - start})
 
     def rollout_correct(self, rollout: Rollout) -> torch.Tensor:
         texts = decode_responses(self.tokenizer, rollout.response_ids, rollout.response_mask)
@@ -179,6 +212,9 @@ class DistillationModule(LightningModule):
         rollout: Rollout = batch.get("rollout") or self.make_rollout(batch["problems"])
         loss = self.distillation_loss(rollout)
         bs = len(rollout.problems)
+        if self._is_nonfinite(loss):
+            return self._nonfinite_step(loss, rollout)
+        self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/response_tokens", rollout.lengths.float().mean(), batch_size=bs)
         return loss
@@ -225,16 +261,31 @@ class DistillationModule(LightningModule):
         # An EMA teacher is training state (needed to resume); a frozen teacher is rebuilt from its path.
         return self.mode == "opsd" and self.opsd_teacher == "ema"
 
+    def _checkpoint_filter(self):
+        """Which state_dict keys are saved: what is rebuilt from a path (a frozen teacher, the
+        frozen base weights under LoRA) is left out; with LoRA only the adapters are kept."""
+        adapters = trainable_parameter_names(self.student) if is_lora(self.student) else None
+
+        def keep(key: str) -> bool:
+            role, _, name = key.partition(".")
+            if role == "teacher" and not self._teacher_in_checkpoint():
+                return False
+            if role in ("student", "teacher") and adapters is not None:
+                return name in adapters
+            return True
+
+        return keep
+
     def state_dict(self, *args, **kwargs):
         state = super().state_dict(*args, **kwargs)
-        if self._teacher_in_checkpoint():
-            return state
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-        return type(state)((k, v) for k, v in state.items() if not k.startswith(f"{prefix}teacher."))
+        keep = self._checkpoint_filter()
+        return type(state)((k, v) for k, v in state.items() if keep(k[len(prefix):]))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [k for k in result.missing_keys if self._teacher_in_checkpoint() or not k.startswith("teacher.")]
+        keep = self._checkpoint_filter()
+        missing = [k for k in result.missing_keys if keep(k)]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(
                 "checkpoint does not match the model: "
@@ -243,6 +294,11 @@ class DistillationModule(LightningModule):
                 "was it written for a different student or config?"
             )
         return result
+
+    def configure_model(self) -> None:
+        # Under a ModelParallelStrategy (FSDP2) the student is sharded here, before the optimizer
+        # is built; a no-op otherwise. The frozen teacher is prepared by TeacherSharding.
+        configure_sharding(self)
 
     # --- helpers ----------------------------------------------------------------------------
     def _synced_gpus(self) -> bool:
@@ -265,7 +321,3 @@ class DistillationModule(LightningModule):
                 f"student and teacher output vocabularies differ ({s} vs {t} logits); per-token distillation "
                 "compares distributions index by index, so both must share one vocabulary"
             )
-
-
-def perplexity(loss: torch.Tensor) -> float:
-    return math.exp(float(loss))

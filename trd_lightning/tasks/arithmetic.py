@@ -27,7 +27,6 @@ import random
 import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cached_property
 
 from trd_lightning.tasks.base import SPLITS
@@ -46,10 +45,21 @@ def apply(op: str, a: int, b: int) -> int:
     return (a * b) % 10
 
 
-@dataclass(frozen=True)
 class ArithmeticProblem:
-    operands: tuple[int, ...]
-    ops: tuple[str, ...]
+    """One problem. A plain class on purpose: Lightning's batch transfer descends into (and
+    rebuilds) dataclasses and namedtuples, and refuses frozen ones; problems are not tensors."""
+
+    def __init__(self, operands: tuple[int, ...], ops: tuple[str, ...]):
+        self.operands, self.ops = tuple(operands), tuple(ops)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ArithmeticProblem) and (self.operands, self.ops) == (other.operands, other.ops)
+
+    def __hash__(self) -> int:
+        return hash((self.operands, self.ops))
+
+    def __repr__(self) -> str:
+        return f"ArithmeticProblem({self.expression!r})"
 
     @cached_property
     def expression(self) -> str:
@@ -166,7 +176,7 @@ class ArithmeticTask:
         self._sets: dict[str, ProblemSet] = {}
 
     # --- Task protocol -------------------------------------------------------------------------
-    def problems(self, split: str) -> ProblemSet:
+    def problems(self, split: str) -> Sequence:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
         if split not in self._sets:
@@ -197,6 +207,27 @@ class ArithmeticTask:
 
     def problem_id(self, problem: ArithmeticProblem) -> int:
         return zlib.crc32(problem.expression.encode())
+
+    # --- optional hook: the prefix audit aligns its statistics on the verifier's first error ----
+    def first_error_char(self, problem: ArithmeticProblem, response: str) -> int | None:
+        """Index of the first character where ``response`` stops being a prefix of every correct
+        solution (either operand order per step), or ``None`` if it is exactly a correct solution.
+
+        For the usual failure this is the first wrong result digit; a wrong operand counts too, and
+        a self-corrected slip (``3+4=8!3+4=7``) still reports the slip. A response that stops early
+        (EOS or the token budget) reports ``len(response)``: its end is the mistake. ``response`` is
+        the decoded text without special tokens, so with the char-level tokenizer the index is also
+        the token index in the response block.
+        """
+        pos, last = 0, len(problem.ops) - 1
+        for i in range(len(problem.ops)):
+            tail = "|" if i < last else f"#{problem.answer}"
+            candidates = {problem.step_text(i) + tail, problem.step_text(i, swap=True) + tail}
+            match = next((c for c in candidates if response.startswith(c, pos)), None)
+            if match is None:
+                return pos + max(_common_prefix(response[pos:], c) for c in candidates)
+            pos += len(match)
+        return None if pos == len(response) else pos
 
     # --- text the tiny models are trained on (SFT) ---------------------------------------------
     def refined_solution(self, problem: ArithmeticProblem, attempt: str) -> str:
@@ -266,6 +297,15 @@ class ArithmeticTask:
         if rng.random() < 0.15:
             attempt = attempt[: rng.randrange(1, len(attempt) + 1)]
         return attempt
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def clean_response(text: str) -> str:

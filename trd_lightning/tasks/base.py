@@ -23,12 +23,14 @@ class Task(Protocol):
     `(x, y*)` (`privileged_prompt`); the TRD refiner sees `(x, y_o)` or `(x, y*, y_o)`
     (`refinement_prompt`). Every prompt is the text right before the first response token, so the
     same response tokens can follow any of them.
+
+    A task should also have a ``correction_onsets`` attribute: the strings whose next-token mass
+    signals that a writer starts a correction (``"!"`` here, ``"Wait"`` for real models), used by
+    the prefix-failure audit. (It is not a protocol member because YAML type checking of
+    protocols only considers methods.)
     """
 
-    #: Strings whose next-token mass signals that the writer starts a correction ("Wait", "!").
-    correction_onsets: Sequence[str]
-
-    def problems(self, split: str) -> Sequence[Problem]: ...
+    def problems(self, split: str) -> Sequence: ...
 
     def student_prompt(self, problem: Problem) -> str: ...
 

@@ -1,0 +1,335 @@
+"""Revisers: turn a batch of student rollouts ``y_o`` into revised trajectories ``y_r``.
+
+Two ways to correct a trajectory before distilling on it (see ../shared/PAPER.md):
+
+* `RewriteReviser` (the paper's TRD): the refiner rewrites the whole attempt, conditioned on the
+  refinement context ``c_r = (x, y_o)`` (OPD) or ``(x, y*, y_o)`` (OPSD). The teacher then scores
+  ``y_r`` under ``c_r``; the student sees ``x`` alone. Support is kept only softly, through ``y_o``.
+* `PrefixSpliceReviser` (token level, ours): find the first failed prefix position ``t*`` from the
+  teacher's statistics, keep ``y_o[:t*]`` token for token, and continue by sampling from the teacher
+  restricted to the student's own top-p set, so every new token is one the student could have
+  produced. The teacher keeps its ordinary context ``c``.
+
+A reviser only uses the `RolloutModel` protocol (``task``, ``tokenizer``, ``sample``, ``score``,
+``teacher_prompt``, ``model_for`` for splicing), so it works with modules other than ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from trd_lightning.models import check_compatible, load_causal_lm, load_tokenizer
+from trd_lightning.rollout import (
+    Context,
+    Rollout,
+    Sampling,
+    build_context,
+    decode_responses,
+    encode_prompts,
+    response_mask_from_ids,
+    sample_responses,
+)
+
+Refine = Literal["all", "failed"]
+# transformers 5 renamed the KV-cache argument of `forward` from past_key_values to cache.
+_CACHE_KW = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+class Reviser(ABC):
+    """Maps a rollout to a revised one. ``revise`` must not change ``rollout`` in place."""
+
+    refine: Refine = "all"
+
+    def setup(self, module) -> None:
+        """Called once before training (load extra models, check compatibility)."""
+
+    @abstractmethod
+    def revise(self, module, rollout: Rollout) -> Rollout: ...
+
+
+def assemble_rollout(
+    module,
+    problems: list,
+    responses: list[torch.Tensor],
+    teacher_prompts: list[str],
+    info: dict | None = None,
+) -> Rollout:
+    """A rollout from per-row responses (1-D, EOS included) and per-row teacher contexts."""
+    tok = module.tokenizer
+    width = max(1, max(len(r) for r in responses))
+    device = responses[0].device if responses else module.device
+    ids = torch.full((len(responses), width), tok.pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(responses), width), dtype=torch.bool, device=device)
+    for i, r in enumerate(responses):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = True
+    limit = getattr(module, "max_prompt_length", None)
+    student = build_context(tok, [module.task.student_prompt(p) for p in problems], ids, mask, limit)
+    teacher = build_context(tok, teacher_prompts, ids, mask, limit)
+    return Rollout(list(problems), ids, mask, student, teacher, dict(info or {}))
+
+
+def rows(rollout: Rollout) -> list[torch.Tensor]:
+    return [ids[m] for ids, m in zip(rollout.response_ids, rollout.response_mask)]
+
+
+def first_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """Per row, the first position where two token sequences differ (``-1`` if identical)."""
+    out = []
+    for x, y in zip(a, b):
+        n = min(len(x), len(y))
+        diff = (x[:n] != y[:n]).nonzero()
+        out.append(int(diff[0]) if len(diff) else (n if len(x) != len(y) else -1))
+    return torch.tensor(out)
+
+
+def revision_stats(module, original: Rollout, revised_rows: torch.Tensor, t_star: torch.Tensor, new: list[torch.Tensor]) -> dict:
+    """What the callback logs: how much was revised and whether revision fixed or broke answers."""
+    task, tok = module.task, module.tokenizer
+    before = [task.verify(p, t) for p, t in zip(original.problems, decode_responses(tok, original.response_ids, original.response_mask))]
+    after = [task.verify(p, t) for p, t in zip(original.problems, tok.batch_decode([r.tolist() for r in new], skip_special_tokens=True))]
+    before_t, after_t = torch.tensor(before, dtype=torch.float), torch.tensor(after, dtype=torch.float)
+    revised = revised_rows.float()
+    return {
+        "fraction_revised": revised.mean().item(),
+        "t_star": t_star[t_star >= 0].float().mean().item() if (t_star >= 0).any() else float("nan"),
+        "fail_to_pass": ((1 - before_t) * after_t).mean().item(),
+        "pass_to_fail": (before_t * (1 - after_t)).mean().item(),
+        "accuracy_before": before_t.mean().item(),
+        "accuracy_after": after_t.mean().item(),
+        "length_before": original.response_mask.sum(-1).float().mean().item(),
+        "length_after": sum(len(r) for r in new) / max(len(new), 1),
+    }
+
+
+class RewriteReviser(Reviser):
+    """The paper's reviser: the refiner rewrites the attempt under ``c_r`` in one pass.
+
+    Args:
+        refine: ``all`` (the paper's default: correct rollouts too, which exposes the student to
+            alternative valid derivations) or ``failed`` (only rollouts the task's verifier fails).
+        privileged: put the reference solution into ``c_r``; ``None`` means "when the module runs
+            OPSD" (``module.mode == "opsd"``).
+        sampling: how the refiner samples; default: the module's rollout sampling.
+        refiner: a separate refiner model path; default: the module's ``refiner`` role (the OPD
+            teacher, or the frozen initial student in OPSD).
+        max_context_tokens: longest refinement context allowed; default: the refiner's position
+            limit minus ``max_new_tokens``. Tasks truncate long attempts themselves (the
+            arithmetic task keeps the first ``max_attempt_chars``); anything still too long is
+            an error, because cutting the problem or the reference would corrupt ``c_r``.
+    """
+
+    def __init__(
+        self,
+        refine: Refine = "all",
+        privileged: bool | None = None,
+        sampling: Sampling | None = None,
+        refiner: str | None = None,
+        max_context_tokens: int | None = None,
+    ):
+        if refine not in ("all", "failed"):
+            raise ValueError(f"unknown refine mode {refine!r}; choose 'all' or 'failed'")
+        self.refine, self.privileged, self.sampling = refine, privileged, sampling
+        self.refiner_path, self.max_context_tokens = refiner, max_context_tokens
+        self._refiner = None
+
+    def setup(self, module) -> None:
+        if self.refiner_path is not None and self._refiner is None:
+            check_compatible(module.tokenizer, load_tokenizer(self.refiner_path))
+            self._refiner = load_causal_lm(self.refiner_path, trainable=False).to(module.device)
+
+    def _privileged(self, module) -> bool:
+        return self.privileged if self.privileged is not None else getattr(module, "mode", "opd") == "opsd"
+
+    def _limit(self, module, sampling: Sampling) -> int | None:
+        if self.max_context_tokens is not None:
+            return self.max_context_tokens
+        model = self._refiner if self._refiner is not None else module.model_for("refiner")
+        n_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        return None if n_pos is None else n_pos - sampling.max_new_tokens
+
+    def revise(self, module, rollout: Rollout) -> Rollout:
+        task, tok = module.task, module.tokenizer
+        texts = decode_responses(tok, rollout.response_ids, rollout.response_mask)
+        selected = [self.refine == "all" or not task.verify(p, t) for p, t in zip(rollout.problems, texts)]
+        privileged = self._privileged(module)
+        sampling = self.sampling or getattr(module, "sampling", None) or Sampling()
+        originals = rows(rollout)
+        new, teacher_prompts = list(originals), [module.teacher_prompt(p) for p in rollout.problems]
+        picked = [i for i, s in enumerate(selected) if s]
+        if picked:
+            prompts = [task.refinement_prompt(rollout.problems[i], texts[i], privileged=privileged) for i in picked]
+            limit = self._limit(module, sampling)
+            lengths = [len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
+            if limit is not None and max(lengths) > limit:
+                raise ValueError(
+                    f"a refinement context has {max(lengths)} tokens but the refiner allows {limit} "
+                    f"(position limit minus max_new_tokens={sampling.max_new_tokens}); shorten the attempt "
+                    "the task puts into c_r (e.g. ArithmeticTask(max_attempt_chars=...)) or set max_context_tokens"
+                )
+            if self._refiner is not None:
+                ids, mask = encode_prompts(tok, prompts, module.device)
+                out, out_mask = sample_responses(self._refiner, tok, ids, mask, sampling)
+            else:
+                out, out_mask = module.sample(prompts, role="refiner", sampling=sampling)
+            for j, i in enumerate(picked):
+                new[i] = out[j][out_mask[j]]
+                teacher_prompts[i] = prompts[j]  # the teacher scores y_r under c_r
+        revised_rows = torch.tensor(selected)
+        t_star = first_difference(originals, new)
+        t_star[~revised_rows] = -1
+        info = revision_stats(module, rollout, revised_rows, t_star, new)
+        return assemble_rollout(module, rollout.problems, new, teacher_prompts, info)
+
+
+class PrefixSpliceReviser(Reviser):
+    """Token-level revision: keep ``y_o[:t*]`` exactly, resample from ``t*`` inside the student's support.
+
+    ``t*`` is the first response position where the teacher (under its ordinary context ``c``)
+    disowns the student's token:
+
+    * ``teacher_prob``: the teacher's probability of the sampled token is below ``threshold``;
+    * ``teacher_top_p``: the sampled token lies outside the teacher's top-``teacher_top_p`` set.
+
+    From ``t*`` on, each token is drawn from the teacher's distribution restricted to the student's
+    top-``student_top_p`` set (renormalised). If the teacher puts less than ``min_mass`` on that set
+    (the intersection is empty in effect), the token is drawn by ``fallback``: ``teacher`` (its
+    unrestricted distribution: correctness first) or ``student`` (the student's top-p set:
+    support first). How often that happened is logged as ``fallback_rate``.
+    """
+
+    def __init__(
+        self,
+        criterion: Literal["teacher_prob", "teacher_top_p"] = "teacher_prob",
+        threshold: float = 0.05,
+        teacher_top_p: float = 0.9,
+        student_top_p: float = 0.95,
+        temperature: float = 1.0,
+        max_new_tokens: int | None = None,
+        fallback: Literal["teacher", "student"] = "teacher",
+        min_mass: float = 1e-4,
+        refine: Refine = "all",
+    ):
+        if criterion not in ("teacher_prob", "teacher_top_p"):
+            raise ValueError(f"unknown criterion {criterion!r}; choose 'teacher_prob' or 'teacher_top_p'")
+        if fallback not in ("teacher", "student"):
+            raise ValueError(f"unknown fallback {fallback!r}; choose 'teacher' or 'student'")
+        if refine not in ("all", "failed"):
+            raise ValueError(f"unknown refine mode {refine!r}; choose 'all' or 'failed'")
+        for name, value in (("threshold", threshold), ("teacher_top_p", teacher_top_p), ("student_top_p", student_top_p)):
+            if not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.criterion, self.threshold = criterion, threshold
+        self.teacher_top_p, self.student_top_p = teacher_top_p, student_top_p
+        self.temperature, self.max_new_tokens = temperature, max_new_tokens
+        self.fallback, self.min_mass, self.refine = fallback, min_mass, refine
+
+    def first_failure(self, teacher_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``t*`` per row (``-1`` where no position fails), vectorised over the batch."""
+        logp = teacher_logits.float().log_softmax(-1)
+        if self.criterion == "teacher_prob":
+            failed = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).exp() < self.threshold
+        else:
+            failed = ~top_p_mask(logp, self.teacher_top_p).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        failed &= mask.bool()
+        first = failed.float().argmax(-1)
+        return torch.where(failed.any(-1), first, torch.full_like(first, -1))
+
+    def revise(self, module, rollout: Rollout) -> Rollout:
+        task, tok = module.task, module.tokenizer
+        teacher_logits = module.score(rollout.teacher, role="teacher")
+        t_star = self.first_failure(teacher_logits, rollout.response_ids, rollout.response_mask)
+        if self.refine == "failed":
+            texts = decode_responses(tok, rollout.response_ids, rollout.response_mask)
+            ok = torch.tensor([task.verify(p, t) for p, t in zip(rollout.problems, texts)], device=t_star.device)
+            t_star = torch.where(ok, torch.full_like(t_star, -1), t_star)
+        originals = rows(rollout)
+        new = list(originals)
+        picked = (t_star >= 0).nonzero().flatten().tolist()
+        fallback_rate = 0.0
+        if picked:
+            idx = torch.tensor(picked, device=rollout.response_ids.device)
+            keep = [originals[i][: int(t_star[i])] for i in picked]
+            cont, fallback_rate = self._continue(module, rollout, idx, keep)
+            for j, i in enumerate(picked):
+                new[i] = torch.cat([keep[j], cont[j]])
+        revised_rows = (t_star >= 0).cpu()
+        info = revision_stats(module, rollout, revised_rows, t_star.cpu(), new)
+        info["fallback_rate"] = fallback_rate
+        return assemble_rollout(module, rollout.problems, new, [module.teacher_prompt(p) for p in rollout.problems], info)
+
+    @torch.no_grad()
+    def _continue(self, module, rollout: Rollout, idx: torch.Tensor, keep: list[torch.Tensor]):
+        """Decode the continuations of the selected rows with both models' KV caches, batched."""
+        tok = module.tokenizer
+        teacher, student = module.model_for("teacher"), module.model_for("student")
+        budget = self.max_new_tokens or getattr(getattr(module, "sampling", None), "max_new_tokens", 48)
+        t_ctx = _prefix_context(rollout.teacher, idx, keep, tok.pad_token_id)
+        s_ctx = _prefix_context(rollout.student, idx, keep, tok.pad_token_id)
+        t_logits, t_cache = _step(teacher, t_ctx.input_ids, t_ctx.attention_mask, t_ctx.position_ids, None)
+        s_logits, s_cache = _step(student, s_ctx.input_ids, s_ctx.attention_mask, s_ctx.position_ids, None)
+        t_mask, s_mask = t_ctx.attention_mask, s_ctx.attention_mask
+        t_pos, s_pos = t_ctx.position_ids[:, -1:], s_ctx.position_ids[:, -1:]
+        out, done, fallbacks, steps = [], torch.zeros(len(idx), dtype=torch.bool, device=idx.device), 0, 0
+        for _ in range(budget):
+            q = (t_logits / self.temperature).log_softmax(-1)
+            support = top_p_mask(s_logits.float().log_softmax(-1), self.student_top_p)
+            restricted = q.masked_fill(~support, float("-inf"))
+            empty = torch.logsumexp(restricted, -1) < torch.log(torch.tensor(self.min_mass))
+            if self.fallback == "teacher":
+                fallback_logits = q
+            else:
+                fallback_logits = s_logits.float().log_softmax(-1).masked_fill(~support, float("-inf"))
+            logits = torch.where(empty.unsqueeze(-1), fallback_logits, restricted)
+            nxt = torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+            nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
+            fallbacks += int((empty & ~done).sum())
+            steps += int((~done).sum())
+            out.append(nxt)
+            done |= nxt == tok.eos_token_id
+            if bool(done.all()):
+                break
+            t_mask = torch.cat([t_mask, torch.ones_like(t_mask[:, :1])], 1)
+            s_mask = torch.cat([s_mask, torch.ones_like(s_mask[:, :1])], 1)
+            t_pos, s_pos = t_pos + 1, s_pos + 1
+            t_logits, t_cache = _step(teacher, nxt.unsqueeze(-1), t_mask, t_pos, t_cache)
+            s_logits, s_cache = _step(student, nxt.unsqueeze(-1), s_mask, s_pos, s_cache)
+        block = torch.stack(out, 1)
+        mask = response_mask_from_ids(block, tok.eos_token_id)
+        return [r[m] for r, m in zip(block, mask)], fallbacks / max(steps, 1)
+
+
+def top_p_mask(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Boolean mask of the smallest set of tokens whose mass reaches ``top_p`` (at least one)."""
+    sorted_logp, order = logp.sort(-1, descending=True)
+    cum = sorted_logp.exp().cumsum(-1)
+    keep_sorted = (cum - sorted_logp.exp()) < top_p  # mass *before* a token is below top_p
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def _prefix_context(ctx: Context, idx: torch.Tensor, keep: list[torch.Tensor], pad: int) -> Context:
+    """Rows ``idx`` of ``ctx`` cut to ``[prompt | kept prefix]``, re-left-padded to one width."""
+    seqs = []
+    for j, i in enumerate(idx.tolist()):
+        prompt = ctx.input_ids[i, : ctx.prompt_width][ctx.attention_mask[i, : ctx.prompt_width].bool()]
+        seqs.append(torch.cat([prompt, keep[j]]))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=ctx.input_ids.device)
+    mask = torch.zeros_like(ids)
+    for j, s in enumerate(seqs):
+        ids[j, width - len(s):] = s
+        mask[j, width - len(s):] = 1
+    return Context(ids, mask, width)
+
+
+def _step(model, ids, mask, pos, cache):
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{_CACHE_KW: cache})
+    return out.logits[:, -1].float(), getattr(out, _CACHE_KW)
