@@ -40,6 +40,8 @@ class SFTModule(LightningModule):
         init_from: a model path to continue from; ``None`` builds a fresh model from ``architecture``.
         tokenizer: a tokenizer path; ``None`` builds the arithmetic task's tokenizer in code.
         export_dir: where the final model and tokenizer are written (rank 0, at the end of fit).
+        export_snapshots: also write ``{export_dir}_snapshots/step_{N}`` after every validation, to
+            pick a training length from the validation curve (then set ``max_steps`` to it).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class SFTModule(LightningModule):
         tokenizer: str | None = None,
         architecture: TinyArchitecture | None = None,
         export_dir: str | None = None,
+        export_snapshots: bool = False,
         sampling: Sampling | None = None,
         seed: int = 0,
         task: Task | None = None,
@@ -70,7 +73,7 @@ class SFTModule(LightningModule):
                 seed=seed,
             )
             self.model.train()
-        self.export_dir = export_dir
+        self.export_dir, self.export_snapshots = export_dir, export_snapshots
         self.sampling = sampling or Sampling(temperature=0.6, top_p=0.95)
         self._task = task
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
@@ -111,12 +114,19 @@ class SFTModule(LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
-    def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            path = Path(self.export_dir)
+    def _export(self, path: Path) -> None:
+        if self.trainer.is_global_zero:
             path.mkdir(parents=True, exist_ok=True)
             self.model.save_pretrained(path)
             self.tokenizer.save_pretrained(path)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.export_dir and self.export_snapshots and not self.trainer.sanity_checking:
+            self._export(Path(f"{self.export_dir}_snapshots") / f"step_{self.global_step}")
+
+    def on_fit_end(self) -> None:
+        if self.export_dir:
+            self._export(Path(self.export_dir))
 
 
 class SFTDataset(Dataset):
