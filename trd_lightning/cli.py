@@ -7,12 +7,12 @@ fine-tuning), so one entry point serves both, and users' own subclasses plug in 
 
 from __future__ import annotations
 
-import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from trd_lightning.audit import AuditOptions, audit_with_trainer
+from trd_lightning.cli_errors import SuggestingArgumentParser
 
 
 class TRDTrainer(Trainer):
@@ -56,7 +56,13 @@ class TRDCli(LightningCLI):
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> TRDCli:
-    """The CLI object (``run=False`` in notebooks: parse a config, get ``cli.model``/``cli.trainer``)."""
+    """The CLI object (``run=False`` in notebooks: parse a config, get ``cli.model``/``cli.trainer``).
+
+    With ``run=False`` a leading subcommand (``["fit", "-c", ...]``) is accepted and dropped, so the
+    same argument list works both ways.
+    """
+    if not run and args and args[0] in TRDCli.subcommands():
+        args = args[1:]
     # auto_configure_optimizers would hand the teacher's parameters to the optimizer too: modules
     # take an `optimizer` callable instead and build it from the student's parameters.
     return TRDCli(
@@ -65,6 +71,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TRDCli:
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_class=TRDTrainer,
+        parser_class=SuggestingArgumentParser,  # "did you mean" for a misspelled key
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         args=args,
@@ -73,7 +80,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TRDCli:
 
 
 def main(args: list[str] | None = None) -> None:
-    build_cli(sys.argv[1:] if args is None else args)
+    build_cli(args)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

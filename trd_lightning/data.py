@@ -103,7 +103,13 @@ class PromptDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, self.shuffle)
+        loader = self._loader("train", self.batch_size, self.shuffle)
+        # The epoch Lightning is about to run (it sets it on the sampler only after pre-fetching
+        # the first batch, which matters when a run resumes at an epoch boundary).
+        trainer = self.trainer
+        if trainer is not None and getattr(trainer, "fit_loop", None) is not None:
+            loader.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, False)

@@ -5,6 +5,7 @@ Everything here runs before any compute is spent, so every failure names the pro
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def resolve_model_path(name: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(
             f"model path {name!r} does not exist; pass a directory written by save_pretrained "
-            f"(config.json + weights), or one of: {', '.join(builtin_models())}"
+            f"(config.json + weights), or one of: {', '.join(builtin_models()) or 'none (no built-in models installed)'}"
         )
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"model path {name!r} has no config.json; is it a save_pretrained directory?")
@@ -58,6 +59,12 @@ def load_tokenizer(name: str | Path) -> PreTrainedTokenizerBase:
             raise ValueError(f"tokenizer at {name!r} has neither a pad nor an EOS token; add one and save it again")
         tok.pad_token = tok.eos_token
         tok.init_kwargs["pad_token_was_eos"] = True
+        # Python shows a given warning text once per process: once per tokenizer path.
+        warnings.warn(
+            f"tokenizer at {str(name)!r} has no pad token: padding with its EOS token {tok.eos_token!r} "
+            "(padded positions are masked out, so this is safe); save the tokenizer with a pad_token to silence this",
+            stacklevel=2,
+        )
     tok.padding_side = "left"
     return tok
 
@@ -138,10 +145,49 @@ def check_compatible(student_tokenizer: PreTrainedTokenizerBase, teacher_tokeniz
             f"different ids for {moved}. Per-token distillation needs one shared vocabulary: "
             "use a teacher from the same model family (same tokenizer) as the student"
         )
-    for attr in ("eos_token_id", "pad_token_id"):
+    for attr in ("eos_token_id", "pad_token_id", "bos_token_id", "unk_token_id"):
         s, t = getattr(student_tokenizer, attr), getattr(teacher_tokenizer, attr)
         if s != t:
             raise ValueError(f"student and teacher tokenizers disagree on {attr}: {s} vs {t}; save both with the same special tokens")
+    s_special, t_special = set(student_tokenizer.all_special_tokens), set(teacher_tokenizer.all_special_tokens)
+    if s_special != t_special:
+        raise ValueError(
+            "student and teacher tokenizers have different special tokens: "
+            f"only in student {sorted(s_special - t_special)}, only in teacher {sorted(t_special - s_special)}; "
+            "the contexts are tokenized once for both models, so both must treat the same strings as special"
+        )
+    _check_same_chat_template(student_tokenizer, teacher_tokenizer)
+
+
+#: Rendered through both chat templates by the pre-flight check.
+SAMPLE_CONVERSATION = (
+    {"role": "system", "content": "You are a careful mathematician."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "2 + 3 = 5. The answer is \\boxed{5}."},
+    {"role": "user", "content": "And 4 * 6?"},
+)
+
+
+def _render_sample(tokenizer: PreTrainedTokenizerBase) -> str:
+    messages = list(SAMPLE_CONVERSATION)
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception:  # some templates refuse a system turn; compare without it
+        return tokenizer.apply_chat_template(messages[1:], add_generation_prompt=True, tokenize=False)
+
+
+def _check_same_chat_template(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase) -> None:
+    """Prompts are rendered once (by the task) for both models: their templates must agree."""
+    if not (getattr(student_tokenizer, "chat_template", None) and getattr(teacher_tokenizer, "chat_template", None)):
+        return
+    s, t = _render_sample(student_tokenizer), _render_sample(teacher_tokenizer)
+    if s != t:
+        i = next((k for k, (a, b) in enumerate(zip(s, t)) if a != b), min(len(s), len(t)))
+        raise ValueError(
+            "student and teacher chat templates render a sample conversation differently, from character "
+            f"{i}: student {s[max(0, i - 20): i + 40]!r} vs teacher {t[max(0, i - 20): i + 40]!r}; use a "
+            "teacher from the student's model family or save both tokenizers with the same chat_template"
+        )
 
 
 def check_model_matches_tokenizer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, role: str) -> None:

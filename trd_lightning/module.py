@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -100,6 +101,8 @@ class DistillationModule(LightningModule):
             raise ValueError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}")
         if mode == "opd" and teacher is None:
             raise ValueError("mode='opd' needs a teacher path; for self-distillation set mode='opsd'")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if not 0 < ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
         if teacher_quantization and mode != "opd":
@@ -124,13 +127,11 @@ class DistillationModule(LightningModule):
             self.teacher = load_causal_lm(teacher, dtype=teacher_dtype, quantization=teacher_quantization, trainable=False)
             check_model_matches_tokenizer(self.teacher, self._tokenizer, "teacher")
             self._check_same_logit_width()
-        self._check_context_length()
         elif opsd_teacher in ("frozen", "ema"):
             self.teacher = freeze(copy.deepcopy(self.student))
         else:
             self.teacher = None  # live: the student itself plays the teacher under no_grad
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        self._check_context_length()
         self.nonfinite = nonfinite
         self.skipped_nonfinite = 0  # training state: checkpointed
         self._discard_grads = False
@@ -300,7 +301,97 @@ class DistillationModule(LightningModule):
         # is built; a no-op otherwise. The frozen teacher is prepared by TeacherSharding.
         configure_sharding(self)
 
+    # --- non-finite losses and exact resume ---------------------------------------------------
+    def _is_nonfinite(self, loss: torch.Tensor) -> bool:
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self._trainer is None:
+            return bad
+        # Every rank must take the same branch: DDP reduces the gradients of one common step.
+        return bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+
+    def _nonfinite_step(self, loss: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+        """Never a silent update: skip the step (counted) or stop with the batch saved."""
+        if self.nonfinite == "raise":
+            path = self._save_nonfinite_batch(loss, rollout)
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.detach().float().item()}) at step {self.global_step}; the batch "
+                f"(problems, responses, rollout tensors) is saved to {path}: inspect it with "
+                "torch.load(path, weights_only=False), or set nonfinite='skip' to skip such steps"
+            )
+        self.skipped_nonfinite += 1
+        if self.skipped_nonfinite == 1:
+            rank_zero_warn(
+                f"non-finite training loss at step {self.global_step}: its update is skipped; "
+                "further skips are counted in train/skipped_nonfinite"
+            )
+        self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=len(rollout.problems))
+        # Returning None would skip the update too, but Lightning refuses it under DDP. A zero that
+        # touches every trainable parameter keeps every rank on the normal path (DDP wants a
+        # gradient for each); `on_before_optimizer_step` then drops the gradients, and optimizers
+        # skip parameters without one (AdamW: no decay, no moment or step-count update).
+        self._discard_grads = True
+        return sum(p.sum() for p in self.student.parameters() if p.requires_grad) * 0.0
+
+    def _save_nonfinite_batch(self, loss: torch.Tensor, rollout: Rollout) -> Path:
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) if self._trainer is not None else Path.cwd()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"nonfinite_step{self.global_step}_rank{self.global_rank}.pt"
+        context = lambda c: {"input_ids": c.input_ids.cpu(), "attention_mask": c.attention_mask.cpu(), "prompt_width": c.prompt_width}  # noqa: E731
+        torch.save(
+            {
+                "step": self.global_step,
+                "loss": loss.detach().cpu(),
+                "problems": rollout.problems,
+                "responses": decode_responses(self.tokenizer, rollout.response_ids, rollout.response_mask),
+                "response_ids": rollout.response_ids.cpu(),
+                "response_mask": rollout.response_mask.cpu(),
+                "student_context": context(rollout.student),
+                "teacher_context": context(rollout.teacher),
+            },
+            path,
+        )
+        return path
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._discard_grads:
+            for p in self.student.parameters():
+                p.grad = None
+            self._discard_grads = False
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning does not save the global random state; rollouts are sampled from it.
+        checkpoint["trd_resume"] = {"rng": rng_states(), "skipped_nonfinite": self.skipped_nonfinite}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("trd_resume")
+        if state:
+            self.skipped_nonfinite = int(state["skipped_nonfinite"])
+            # Put back in on_train_start, right before the first resumed rollout (after setup and
+            # data loading); loading weights for evaluation leaves the random state alone.
+            self._rng_to_restore = state["rng"]
+
+    def on_train_start(self) -> None:
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
     # --- helpers ----------------------------------------------------------------------------
+    def _check_context_length(self) -> None:
+        """A rollout (prompt + response) must fit the positions every model was built for."""
+        if self.max_prompt_length is None:
+            return
+        if self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1 (or None for no limit), got {self.max_prompt_length}")
+        need = self.max_prompt_length + self.sampling.max_new_tokens
+        for role, model in (("student", self.student), ("teacher", self.teacher)):
+            limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            if limit is not None and need > limit:
+                raise ValueError(
+                    f"max_prompt_length + sampling.max_new_tokens = {self.max_prompt_length} + "
+                    f"{self.sampling.max_new_tokens} = {need} exceeds the {role}'s max_position_embeddings "
+                    f"({limit}); lower max_prompt_length or sampling.max_new_tokens so they sum to at most {limit}"
+                )
+
     def _synced_gpus(self) -> bool:
         # Sharded generation: every rank must keep stepping until all ranks finish.
         return self._trainer is not None and self.trainer.world_size > 1

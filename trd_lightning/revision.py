@@ -162,7 +162,13 @@ class RewriteReviser(Reviser):
         originals = rows(rollout)
         new, teacher_prompts = list(originals), [module.teacher_prompt(p) for p in rollout.problems]
         picked = [i for i, s in enumerate(selected) if s]
-        if picked:
+        synced = bool(getattr(module, "_synced_gpus", lambda: False)())
+        # Under sharding every rank must join each generate call: a rank with nothing to refine
+        # refines its first rollout anyway and throws the result away.
+        dummy = not picked and synced and bool(originals)
+        if picked or dummy:
+            if dummy:
+                picked = [0]
             prompts = [task.refinement_prompt(rollout.problems[i], texts[i], privileged=privileged) for i in picked]
             limit = self._limit(module, sampling)
             lengths = [len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
@@ -177,7 +183,7 @@ class RewriteReviser(Reviser):
                 out, out_mask = sample_responses(self._refiner, tok, ids, mask, sampling)
             else:
                 out, out_mask = module.sample(prompts, role="refiner", sampling=sampling)
-            for j, i in enumerate(picked):
+            for j, i in enumerate([] if dummy else picked):
                 new[i] = out[j][out_mask[j]]
                 teacher_prompts[i] = prompts[j]  # the teacher scores y_r under c_r
         revised_rows = torch.tensor(selected)
@@ -230,6 +236,18 @@ class PrefixSpliceReviser(Reviser):
         self.teacher_top_p, self.student_top_p = teacher_top_p, student_top_p
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
         self.fallback, self.min_mass, self.refine = fallback, min_mass, refine
+
+    def setup(self, module) -> None:
+        trainer = getattr(module, "_trainer", None)
+        strategy = type(trainer.strategy).__name__ if trainer is not None else ""
+        if trainer is not None and trainer.world_size > 1 and ("FSDP" in strategy or "ModelParallel" in strategy):
+            # Its decode loop runs a data-dependent number of forward passes per rank; sharded
+            # models need every rank in every forward. RewriteReviser goes through generate's
+            # synced_gpus and is safe.
+            raise NotImplementedError(
+                f"PrefixSpliceReviser does not support sharded multi-process training ({strategy}); "
+                "use RewriteReviser there, or DDP (replicated models)"
+            )
 
     def first_failure(self, teacher_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``t*`` per row (``-1`` where no position fails), vectorised over the batch."""

@@ -131,6 +131,12 @@ def sample_responses(
     **extra: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample with ``generate`` (KV cache on); returns the response block and its mask, trimmed."""
+    if num_return_sequences > 1 and sampling.temperature == 0:
+        # generate refuses several greedy sequences per prompt; repeating the prompts gives the
+        # same (identical) samples, row-aligned as num_return_sequences would be.
+        prompt_ids = prompt_ids.repeat_interleave(num_return_sequences, 0)
+        prompt_mask = prompt_mask.repeat_interleave(num_return_sequences, 0)
+        num_return_sequences = 1
     out = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,

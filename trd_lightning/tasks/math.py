@@ -25,6 +25,7 @@ import json
 import re
 import threading
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -244,7 +245,7 @@ class MathTask:
         return self._tokenizer
 
     # --- Task protocol ------------------------------------------------------------------------
-    def problems(self, split: str) -> list[MathProblem]:
+    def problems(self, split: str) -> Sequence:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
         if split not in self._problems:

@@ -1,0 +1,218 @@
+"""Interruption and exact resume: SIGTERM during `fit` saves a checkpoint, and resuming from it ends
+at the same weights and logs the same metrics as a run that was never interrupted.
+
+"The same" is bit-for-bit (``torch.equal``, ``==`` on floats): on CPU with a fixed thread count the
+computation is deterministic, so any difference means the resumed run trained on other problems,
+other rollout samples (the global RNG) or another optimizer state than the original one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, seed_everything
+
+from tests.conftest import cpu_trainer
+from trd_lightning import DistillationModule, PromptDataModule, Sampling
+from trd_lightning.callbacks import PreemptionCheckpoint
+from trd_lightning.tasks import ArithmeticTask
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_STEPS = 6
+# 20 training problems in batches of 4: 5 steps per epoch, so the runs cross an epoch boundary.
+TASK = dict(train_size=20, val_size=4, test_size=4)
+
+
+class Record(Callback):
+    """Per-step training loss and problems, per-validation loss: what a resumed run must repeat."""
+
+    def __init__(self):
+        self.train: dict[int, tuple[float, list[str]]] = {}
+        self.val: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = float(trainer.callback_metrics["train/loss"])
+        self.train[trainer.global_step] = (loss, [p.expression for p in batch["problems"]])
+
+    def on_validation_end(self, trainer, pl_module):
+        self.val[trainer.global_step] = float(trainer.callback_metrics["val/loss"])
+
+
+class SigtermAt(Callback):
+    """Sends this process a real SIGTERM after step ``step`` (Lightning's handler takes it from there)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run(tiny_paths, root: Path, record: Record, callbacks=(), ckpt_path=None):
+    """A fit of MAX_STEPS from the same seed (``record`` is filled even if the run is interrupted)."""
+    seed_everything(0)
+    task = ArithmeticTask(**TASK)
+    module = DistillationModule(
+        student=tiny_paths["student"], teacher=tiny_paths["teacher"], task=task,
+        sampling=Sampling(temperature=1.0, max_new_tokens=12),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+    )
+    trainer = cpu_trainer(
+        max_steps=MAX_STEPS, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1,
+        default_root_dir=root, callbacks=[record, PreemptionCheckpoint(), *callbacks],
+    )
+    trainer.fit(module, PromptDataModule(task, batch_size=4), ckpt_path=ckpt_path)
+    return module, trainer
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_paths, tmp_path_factory):
+    record = Record()
+    module, trainer = run(tiny_paths, tmp_path_factory.mktemp("uninterrupted"), record)
+    return {"weights": {k: v.clone() for k, v in module.student.state_dict().items()}, "record": record,
+            "optimizer": trainer.optimizers[0].state_dict()}
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+# 4: mid-epoch, right after a validation; 5: the epoch's last batch (Lightning closes the epoch
+# before it raises). Step 3 (mid-epoch, no validation) is the subprocess test's and the control's.
+@pytest.mark.parametrize("interrupt_at", [4, 5])
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tiny_paths, tmp_path, uninterrupted, interrupt_at):
+    first, second = Record(), Record()
+    with pytest.raises(SystemExit) as stop:
+        run(tiny_paths, tmp_path, first, callbacks=[SigtermAt(interrupt_at)])
+    assert stop.value.code == 128 + signal.SIGTERM  # a scheduler sees an interrupted job, not a finished one
+    ckpt = tmp_path / "checkpoints" / "preempted.ckpt"
+    assert ckpt.exists() and torch.load(ckpt, weights_only=False)["global_step"] == interrupt_at
+
+    module, trainer = run(tiny_paths, tmp_path, second, ckpt_path=ckpt)
+    assert sorted(first.train) == list(range(1, interrupt_at + 1))
+    assert sorted(second.train) == list(range(interrupt_at + 1, MAX_STEPS + 1))
+    reference = uninterrupted["record"]
+    assert {**first.train, **second.train} == reference.train  # same problems, same losses, every step
+    assert {**first.val, **second.val} == reference.val and len(reference.val) == 3
+    assert_same_tensors(module.student.state_dict(), uninterrupted["weights"])
+    resumed_opt, reference_opt = trainer.optimizers[0].state_dict(), uninterrupted["optimizer"]
+    for i, state in reference_opt["state"].items():
+        assert_same_tensors(resumed_opt["state"][i], state)
+
+
+def test_resume_without_the_saved_random_state_diverges(tiny_paths, tmp_path, uninterrupted, monkeypatch):
+    """Negative control: the exactness above depends on the checkpointed RNG, not on luck."""
+    with pytest.raises(SystemExit):
+        run(tiny_paths, tmp_path, Record(), callbacks=[SigtermAt(3)])
+    monkeypatch.setattr(DistillationModule, "on_train_start", lambda self: None)  # RNG never restored
+    second = Record()
+    module, _ = run(tiny_paths, tmp_path, second, ckpt_path=tmp_path / "checkpoints" / "preempted.ckpt")
+    reference = uninterrupted["record"].train
+    assert all(second.train[s][1] == reference[s][1] for s in second.train), "same problems (data order)"
+    assert any(second.train[s][0] != reference[s][0] for s in second.train), "other samples, other losses"
+    assert any(not torch.equal(v, uninterrupted["weights"][k]) for k, v in module.student.state_dict().items())
+
+
+# --- a real `trd fit` process and a real SIGTERM --------------------------------------------------
+def trd_config(tiny_paths, run_dir: Path, extra_callbacks=()) -> dict:
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": 6, "val_check_interval": 2,
+            "check_val_every_n_epoch": None, "limit_val_batches": 1, "num_sanity_val_steps": 0,
+            "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "logs"}},
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(run_dir / "ckpt"), "save_last": True, "save_top_k": 0}},
+                {"class_path": "trd_lightning.callbacks.PreemptionCheckpoint"},
+                *extra_callbacks,
+            ],
+        },
+        "model": {
+            "class_path": "trd_lightning.DistillationModule",
+            "init_args": {
+                "student": tiny_paths["student"], "teacher": tiny_paths["teacher"],
+                "sampling": {"temperature": 1.0, "max_new_tokens": 12},
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+            },
+        },
+        "data": {
+            "class_path": "trd_lightning.PromptDataModule",
+            "init_args": {"batch_size": 4, "task": {"class_path": "trd_lightning.tasks.ArithmeticTask", "init_args": TASK}},
+        },
+    }
+
+
+def trd_fit(config: dict, path: Path, *extra: str) -> subprocess.Popen:
+    path.write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # same threads in every run
+    return subprocess.Popen(
+        [sys.executable, "-m", "trd_lightning.cli", "fit", "-c", str(path), *extra],
+        cwd=path.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def metrics(run_dir: Path) -> dict[tuple[int, str], float]:
+    """Every logged value as ``(step, name) -> value``, over all versions (interrupted + resumed)."""
+    values = {}
+    for path in sorted((run_dir / "logs").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                for name, value in row.items():
+                    if name not in ("epoch", "step") and value != "":
+                        values[(int(row["step"]), name)] = float(value)
+    return values
+
+
+@pytest.mark.slow
+def test_trd_fit_killed_by_sigterm_resumes_to_the_same_weights_and_metrics(tiny_paths, tmp_path):
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full_dir.mkdir(), cut_dir.mkdir()
+    # The uninterrupted run and the interrupted one go side by side (two cores).
+    full = trd_fit(trd_config(tiny_paths, full_dir), full_dir / "config.yaml")
+    marker = cut_dir / "at_step_3"
+    pause = {"class_path": "tests.resume_helpers.PauseForSignal", "init_args": {"step": 3, "marker": str(marker)}}
+    cut = trd_fit(trd_config(tiny_paths, cut_dir, [pause]), cut_dir / "config_pause.yaml")
+    deadline = time.monotonic() + 180
+    while not marker.exists() and cut.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), finish(cut)[1][-3000:]
+    cut.send_signal(signal.SIGTERM)
+    code, out = finish(cut)
+    assert code == 143, out[-3000:]
+    preempted = cut_dir / "ckpt" / "preempted.ckpt"  # next to the ModelCheckpoint files
+    assert preempted.exists() and f"SIGTERM: saved {preempted} after step 3" in out
+    assert torch.load(preempted, weights_only=False)["global_step"] == 3
+
+    resumed = trd_fit(trd_config(tiny_paths, cut_dir), cut_dir / "config.yaml", "--ckpt_path", str(preempted))
+    code, out = finish(resumed)
+    assert code == 0, out[-3000:]
+    code, out = finish(full)
+    assert code == 0, out[-3000:]
+
+    final = [torch.load(d / "ckpt" / "last.ckpt", weights_only=False) for d in (full_dir, cut_dir)]
+    assert final[0]["global_step"] == final[1]["global_step"] == 6
+    for k, v in final[0]["state_dict"].items():
+        assert torch.equal(v, final[1]["state_dict"][k]), f"{k} differs"
+    logged_full, logged_cut = metrics(full_dir), metrics(cut_dir)
+    assert {name for _, name in logged_full} >= {"train/loss", "val/loss", "train/skipped_nonfinite"}
+    assert len([1 for _, name in logged_full if name == "train/loss"]) == 6
+    assert logged_cut == logged_full
