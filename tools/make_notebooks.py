@@ -48,7 +48,7 @@ QUICKSTART = [
     ),
     new_markdown_cell("Or build the pieces directly:"),
     new_code_cell(
-        "from trd_lightning import DistillationModule, PromptDataModule\n"
+        "from trd_lightning import DistillationModule, PromptDataModule, Sampling\n"
         "from trd_lightning.callbacks import PassAtKEvaluation, TrajectoryRevision\n"
         "from trd_lightning.revision import RewriteReviser\n"
         "from trd_lightning.tasks import ArithmeticTask\n\n"
@@ -70,7 +70,8 @@ QUICKSTART = [
         "        module, PromptDataModule(task, batch_size=32))\n"
         "    return module, logger\n\n"
         "opd, opd_log = distill('opd', 'reverse_kl')\n"
-        "revision = TrajectoryRevision(RewriteReviser())\n"
+        "# the refiner writes y_r at the evaluation temperature, as configs/arith/trd_rewrite.yaml does\n"
+        "revision = TrajectoryRevision(RewriteReviser(sampling=Sampling(temperature=0.6, top_p=0.95)))\n"
         "trd, trd_log = distill('trd', 'forward_kl', [revision])\n"
         "results = {'initial': initial, 'OPD': evaluate(opd), 'TRD': evaluate(trd)}\n"
         "results"
@@ -125,7 +126,8 @@ PASS_AT_K = [
         "    return module\n\n"
         "counts = {'initial student': correct_counts(DistillationModule(task=task))}\n"
         "counts['OPD'] = correct_counts(train('reverse_kl'))\n"
-        "counts['TRD rewrite'] = correct_counts(train('forward_kl', [TrajectoryRevision(RewriteReviser())]))"
+        "reviser = RewriteReviser(sampling=Sampling(temperature=0.6, top_p=0.95))\n"
+        "counts['TRD rewrite'] = correct_counts(train('forward_kl', [TrajectoryRevision(reviser)]))"
     ),
     new_code_cell(
         "ks = range(1, 17)\n"

@@ -31,6 +31,7 @@ from trd_lightning.rollout import (
     build_context,
     decode_responses,
     encode_prompts,
+    left_pad,
     response_mask_from_ids,
     sample_responses,
 )
@@ -339,13 +340,8 @@ def _prefix_context(ctx: Context, idx: torch.Tensor, keep: list[torch.Tensor], p
     for j, i in enumerate(idx.tolist()):
         prompt = ctx.input_ids[i, : ctx.prompt_width][ctx.attention_mask[i, : ctx.prompt_width].bool()]
         seqs.append(torch.cat([prompt, keep[j]]))
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=ctx.input_ids.device)
-    mask = torch.zeros_like(ids)
-    for j, s in enumerate(seqs):
-        ids[j, width - len(s):] = s
-        mask[j, width - len(s):] = 1
-    return Context(ids, mask, width)
+    ids, mask = left_pad(seqs, pad, ctx.input_ids.device)
+    return Context(ids, mask, ids.shape[1])
 
 
 def _step(model, ids, mask, pos, cache):

@@ -100,14 +100,18 @@ def encode_prompts(
             warnings.warn(f"prompts longer than {max_length} tokens are truncated from the left", stacklevel=2)
             _warned_truncation = True
         enc = [ids[-max_length:] for ids in enc]
-    width = max(map(len, enc))
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(enc), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(enc), width), dtype=torch.long)
-    for i, row in enumerate(enc):
-        ids[i, width - len(row):] = torch.tensor(row)
+    return left_pad([torch.tensor(row) for row in enc], tokenizer.pad_token_id, device)
+
+
+def left_pad(rows: list[torch.Tensor], pad: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D token rows right-aligned (left padding), with their attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = row
         mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
+    return ids, mask
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
