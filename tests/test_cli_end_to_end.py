@@ -1,0 +1,34 @@
+"""`trd fit` then `trd test --ckpt_path`: the test numbers logged at the end of training come back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trd_lightning.callbacks import PassAtKEvaluation
+from trd_lightning.cli import build_cli
+
+OPD = str(Path(__file__).resolve().parents[1] / "configs" / "arith" / "opd.yaml")
+
+
+@pytest.mark.slow
+def test_fit_then_test_from_checkpoint_reproduces_logged_numbers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config writes runs/ and checkpoints/ relative to here
+    small = [
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=3",
+        "--trainer.enable_progress_bar=false",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.eval_batch_size=16",
+        "--data.init_args.task.init_args.val_size=16",
+        "--data.init_args.task.init_args.test_size=16",
+    ]
+    fit = build_cli(["fit", "-c", OPD, *small])
+    logged = next(cb for cb in fit.trainer.callbacks if isinstance(cb, PassAtKEvaluation)).last
+    assert set(logged) == {"test/avg@16", "test/pass@1", "test/pass@8"}
+    ckpt = tmp_path / "checkpoints" / "arith" / "opd" / "last.ckpt"
+    assert ckpt.exists()
+    again = build_cli(["test", "-c", OPD, *small, f"--ckpt_path={ckpt}"])
+    repeated = next(cb for cb in again.trainer.callbacks if isinstance(cb, PassAtKEvaluation)).last
+    assert repeated == logged
