@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: the audit runs on servers and in tests
-import matplotlib.pyplot as plt  # noqa: E402
+# Figure objects, not pyplot: no global backend switch (a notebook keeps its inline plots) and no
+# display needed (the audit runs on servers and in tests); savefig renders PNG with Agg.
+from matplotlib.figure import Figure
 import numpy as np  # noqa: E402
 
 
@@ -28,7 +27,6 @@ def plot_all(out: Path, summary: dict, raw, revised, tokenizer) -> list[str]:
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path.name
 
 
@@ -39,7 +37,8 @@ def _nan(xs) -> np.ndarray:
 def mass_around_error(path: Path, summary: dict) -> str:
     al = summary["aligned"]
     x = np.array(al["offsets"])
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(x, _nan(al["onset_mass"]), "o-", color="tab:red", label="correcting: mass on correction onsets")
     ax.plot(x, _nan(al["continue_mass"]), "s-", color="tab:blue", label="continuing: q(student's token)")
     ax.plot(x, _nan(al["bimodality"]), "^--", color="tab:purple", label="bimodality 2·p2")
@@ -58,7 +57,8 @@ def mass_around_error(path: Path, summary: dict) -> str:
 
 def kl_by_position(path: Path, summary: dict) -> str:
     kl, al = summary["kl_by_position"], summary["aligned"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    a, b = fig.subplots(1, 2)
     t = np.arange(len(kl["forward_kl"]))
     a.plot(t, _nan(kl["forward_kl"]), label="forward KL(q‖p)")
     a.plot(t, _nan(kl["reverse_kl"]), label="reverse KL(p‖q)")
@@ -79,7 +79,8 @@ def kl_by_position(path: Path, summary: dict) -> str:
 def t_star_distribution(path: Path, summary: dict, raw) -> str:
     t = np.array(summary["t_star"]["values"])
     fe = raw.first_error.numpy()
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig = Figure(figsize=(7, 3.8))
+    ax = fig.subplots()
     top = int(max(t.max(initial=0), fe.max(initial=0))) + 2
     bins = np.arange(-0.5, top + 0.5, 1)
     ax.hist(t[t >= 0], bins=bins, alpha=0.6, label=f"t* ({summary['criterion']}), {int((t >= 0).sum())} rollouts")
@@ -106,7 +107,8 @@ def pick_example(raw) -> int | None:
 
 def worked_example(path: Path, raw, tokenizer, before: int = 6, after: int = 9) -> str:
     b = pick_example(raw)
-    fig, ax = plt.subplots(figsize=(11, 3.6))
+    fig = Figure(figsize=(11, 3.6))
+    ax = fig.subplots()
     if b is None:
         ax.text(0.5, 0.5, "no failed rollout to show", ha="center", va="center")
         ax.axis("off")
@@ -141,7 +143,8 @@ def raw_vs_revised(path: Path, summary: dict) -> str:
     raw_vals = [summary["mean"]["onset_mass"], summary["after_error"]["onset_mass"]]
     rev_vals = [rev["mean"]["onset_mass"], rev["after_error"]["onset_mass"]]
     x = np.arange(len(groups))
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig = Figure(figsize=(6, 3.8))
+    ax = fig.subplots()
     ax.bar(x - 0.2, _nan(raw_vals), 0.4, label="raw rollouts")
     ax.bar(x + 0.2, _nan(rev_vals), 0.4, label="revised")
     ax.set_xticks(x)

@@ -189,7 +189,11 @@ class DistillationModule(LightningModule):
             self.student, self.tokenizer, prompt_ids, prompt_mask, self.sampling, synced_gpus=self._synced_gpus()
         )
         student = Context(torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask.long()], 1), prompt_ids.shape[1])
-        teacher = build_context(self.tokenizer, [self.teacher_prompt(p) for p in problems], response, mask, self.max_prompt_length)
+        teacher_prompts = [self.teacher_prompt(p) for p in problems]
+        # OPD: the teacher reads the student's own context, so it is not tokenized and laid out twice.
+        teacher = student if teacher_prompts == student_prompts else build_context(
+            self.tokenizer, teacher_prompts, response, mask, self.max_prompt_length
+        )
         return Rollout(list(problems), response, mask, student, teacher, {"seconds": time.perf_counter() - start})
 
     def rollout_correct(self, rollout: Rollout) -> torch.Tensor:

@@ -17,6 +17,7 @@ A reviser only uses the `RolloutModel` protocol (``task``, ``tokenizer``, ``samp
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from typing import Literal
 
@@ -64,11 +65,12 @@ def assemble_rollout(
     tok = module.tokenizer
     width = max(1, max(len(r) for r in responses))
     device = responses[0].device if responses else module.device
+    lengths = torch.tensor([len(r) for r in responses], device=device)
+    # One masked write (True cells enumerate row by row, as the rows are concatenated).
+    mask = torch.arange(width, device=device) < lengths.unsqueeze(1)
     ids = torch.full((len(responses), width), tok.pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(responses), width), dtype=torch.bool, device=device)
-    for i, r in enumerate(responses):
-        ids[i, : len(r)] = r
-        mask[i, : len(r)] = True
+    if responses and int(lengths.sum()):
+        ids[mask] = torch.cat(responses).to(device=device, dtype=torch.long)
     limit = getattr(module, "max_prompt_length", None)
     student = build_context(tok, [module.task.student_prompt(p) for p in problems], ids, mask, limit)
     teacher = build_context(tok, teacher_prompts, ids, mask, limit)
@@ -296,12 +298,15 @@ class PrefixSpliceReviser(Reviser):
         s_logits, s_cache = _step(student, s_ctx.input_ids, s_ctx.attention_mask, s_ctx.position_ids, None)
         t_mask, s_mask = t_ctx.attention_mask, s_ctx.attention_mask
         t_pos, s_pos = t_ctx.position_ids[:, -1:], s_ctx.position_ids[:, -1:]
-        out, done, fallbacks, steps = [], torch.zeros(len(idx), dtype=torch.bool, device=idx.device), 0, 0
-        for _ in range(budget):
+        done = torch.zeros(len(idx), dtype=torch.bool, device=idx.device)
+        # Counted on the device and read once at the end: no host sync per token for statistics.
+        out, fallbacks, steps = [], torch.zeros((), device=idx.device), torch.zeros((), device=idx.device)
+        log_min_mass = math.log(self.min_mass)
+        for i in range(budget):
             q = (t_logits / self.temperature).log_softmax(-1)
             support = top_p_mask(s_logits.float().log_softmax(-1), self.student_top_p)
             restricted = q.masked_fill(~support, float("-inf"))
-            empty = torch.logsumexp(restricted, -1) < torch.log(torch.tensor(self.min_mass))
+            empty = torch.logsumexp(restricted, -1) < log_min_mass
             if self.fallback == "teacher":
                 fallback_logits = q
             else:
@@ -309,12 +314,12 @@ class PrefixSpliceReviser(Reviser):
             logits = torch.where(empty.unsqueeze(-1), fallback_logits, restricted)
             nxt = torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
             nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
-            fallbacks += int((empty & ~done).sum())
-            steps += int((~done).sum())
+            fallbacks += (empty & ~done).sum()
+            steps += (~done).sum()
             out.append(nxt)
             done |= nxt == tok.eos_token_id
-            if bool(done.all()):
-                break
+            if i == budget - 1 or bool(done.all()):
+                break  # the last token needs no forward pass after it
             t_mask = torch.cat([t_mask, torch.ones_like(t_mask[:, :1])], 1)
             s_mask = torch.cat([s_mask, torch.ones_like(s_mask[:, :1])], 1)
             t_pos, s_pos = t_pos + 1, s_pos + 1
@@ -322,7 +327,7 @@ class PrefixSpliceReviser(Reviser):
             s_logits, s_cache = _step(student, nxt.unsqueeze(-1), s_mask, s_pos, s_cache)
         block = torch.stack(out, 1)
         mask = response_mask_from_ids(block, tok.eos_token_id)
-        return [r[m] for r, m in zip(block, mask)], fallbacks / max(steps, 1)
+        return [r[m] for r, m in zip(block, mask)], float(fallbacks) / max(float(steps), 1.0)
 
 
 def top_p_mask(logp: torch.Tensor, top_p: float) -> torch.Tensor:

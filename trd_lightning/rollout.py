@@ -100,18 +100,27 @@ def encode_prompts(
             warnings.warn(f"prompts longer than {max_length} tokens are truncated from the left", stacklevel=2)
             _warned_truncation = True
         enc = [ids[-max_length:] for ids in enc]
-    return left_pad([torch.tensor(row) for row in enc], tokenizer.pad_token_id, device)
+    # One tensor for the whole batch (a tensor per row costs more than the tokenizer here).
+    return left_pad([torch.tensor([t for row in enc for t in row])], tokenizer.pad_token_id, device, [len(r) for r in enc])
 
 
-def left_pad(rows: list[torch.Tensor], pad: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack 1-D token rows right-aligned (left padding), with their attention mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
-    return ids, mask
+def left_pad(
+    rows: list[torch.Tensor], pad: int, device: torch.device | str, lengths: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D token rows right-aligned (left padding), with their attention mask.
+
+    ``lengths`` says that ``rows`` is already concatenated (one tensor holding every row in order).
+    One masked write fills the batch: a boolean mask enumerates its True cells row by row, left to
+    right, which is the order of the concatenated rows.
+    """
+    lengths = [len(r) for r in rows] if lengths is None else lengths
+    width = max(lengths)
+    n = torch.tensor(lengths, device=device)
+    mask = torch.arange(width, device=device) >= (width - n).unsqueeze(1)
+    ids = torch.full((len(lengths), width), pad, dtype=torch.long, device=device)
+    if sum(lengths):
+        ids[mask] = torch.cat(list(rows)).to(device=device, dtype=torch.long)
+    return ids, mask.long()
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
