@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from tests.conftest import save_tiny
 from tests.fsdp_fit import launch
@@ -76,8 +77,16 @@ def test_quantized_teacher_on_gpu(gpu_paths, task, config, layer, tolerance):
     relative = diff / reference.abs().max().item()
     print(f"{layer}: max |logit difference| {diff:.4f}, relative to max |logit| {relative:.4f}")
     assert 0 < relative < tolerance
+    devices = []
+
+    class RecordDevices(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            devices.append((pl_module.student.device.type, batch["rollout"].response_ids.device.type))
+
     trainer = Trainer(accelerator="gpu", devices=1, max_steps=2, limit_val_batches=0, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[RecordDevices()])
     trainer.fit(module, PromptDataModule(task, batch_size=4))
     assert torch.isfinite(trainer.logged_metrics["train/loss"])
-    assert module.student.device.type == "cuda"
+    # Checked during training: Lightning's teardown moves the module back to the CPU after fit.
+    assert devices == [("cuda", "cuda")] * 2
