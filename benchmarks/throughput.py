@@ -47,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LABELS = {
     "ours_opd": "ours: OPD (`DistillationModule`, `Trainer.fit`)",
     "ours_trd_rewrite": "ours: TRD, `RewriteReviser`",
-    "ours_trd_splice": "ours: TRD, `PrefixSpliceReviser`",
+    "ours_trd_splice": "ours: TRD, `PrefixSpliceReviser` (fused, the default)",
+    "ours_trd_splice_two_pass": "ours: TRD, `PrefixSpliceReviser(fused=False)`",
     "trl_distillation": "TRL `DistillationTrainer`",
     "trl_gkd": "TRL `GKDTrainer` (experimental, lmbda=1)",
     "trl_distillation_defaults": "TRL `DistillationTrainer`, its defaults (grad. checkpointing, bf16, clipping)",
@@ -179,18 +180,20 @@ def run_ours(setup: Setup, pacer, reviser: str | None):
         optimizer=functools.partial(torch.optim.AdamW, lr=setup.lr, weight_decay=0.0),
     )
     data = PromptDataModule(task, batch_size=setup.batch_size, shuffle=True)
-    counter: dict = {}
 
     class Pace(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             rollout = batch["rollout"]
             original = rollout.info.get("original", rollout)
-            work = {
-                "generated": int(original.response_ids.numel()),  # what the student's generate produced
-                "loss_positions": int(rollout.response_mask.sum()),
-            }
+            if rollout.info.get("fused"):
+                # One decode: every row was decoded at every step, by the student's proposal up
+                # to its t* and by the teacher-guided replacement after (the revision tokens).
+                generated = len(rollout.problems) * rollout.info["decode_steps"]
+            else:
+                generated = int(original.response_ids.numel())  # what the student's generate produced
+            work = {"generated": generated, "loss_positions": int(rollout.response_mask.sum())}
             if reviser is not None:
-                work["revision_tokens"] = counter.pop("revision_tokens", 0)
+                work["revision_tokens"] = int(rollout.info["revision_tokens"])
                 work["fraction_revised"] = float(rollout.info["fraction_revised"])
                 work["t_star"] = float(rollout.info["t_star"])
             pacer.step_done(work)
@@ -200,26 +203,7 @@ def run_ours(setup: Setup, pacer, reviser: str | None):
         from trd_lightning.callbacks import TrajectoryRevision
         from trd_lightning.revision import PrefixSpliceReviser, RewriteReviser
 
-        revise = RewriteReviser() if reviser == "rewrite" else PrefixSpliceReviser()
-        # Count the tokens the revision samples (wrapping, not changing, the calls that sample them).
-        if reviser == "rewrite":
-            sample = module.sample
-
-            def counted_sample(*a, **kw):
-                ids, mask = sample(*a, **kw)
-                counter["revision_tokens"] = counter.get("revision_tokens", 0) + int(ids.numel())
-                return ids, mask
-
-            module.sample = counted_sample
-        else:
-            cont = revise._continue
-
-            def counted_continue(*a, **kw):
-                rows, rate = cont(*a, **kw)
-                counter["revision_tokens"] = counter.get("revision_tokens", 0) + sum(len(r) for r in rows)
-                return rows, rate
-
-            revise._continue = counted_continue
+        revise = RewriteReviser() if reviser == "rewrite" else PrefixSpliceReviser(fused=reviser == "splice")
         callbacks.append(TrajectoryRevision(revise))
     callbacks.append(Pace())  # last: runs after TrajectoryRevision's own end-of-batch logging
     trainer = Trainer(
@@ -425,6 +409,7 @@ RUNNERS = {
     "ours_opd": lambda s, p: run_ours(s, p, None),
     "ours_trd_rewrite": lambda s, p: run_ours(s, p, "rewrite"),
     "ours_trd_splice": lambda s, p: run_ours(s, p, "splice"),
+    "ours_trd_splice_two_pass": lambda s, p: run_ours(s, p, "splice_two_pass"),
     "trl_distillation": run_trl_distillation,
     "trl_distillation_defaults": lambda s, p: run_trl_distillation(s, p, trl_defaults=True),
     "trl_gkd": run_trl_gkd,
@@ -619,7 +604,7 @@ def targets(results: dict[str, Result], verdict: dict) -> list[str]:
         if "ours_opd" in med and trl in med:
             x = med[trl] / med["ours_opd"]
             out.append(f"{trl} / ours OPD = {x:.2f} (target >= 1.5: {'met' if x >= 1.5 else 'MISSED'})")
-    for trd in ("ours_trd_rewrite", "ours_trd_splice"):
+    for trd in ("ours_trd_rewrite", "ours_trd_splice", "ours_trd_splice_two_pass"):
         if "ours_opd" in med and trd in med:
             x = med[trd] / med["ours_opd"]
             out.append(f"{trd} / ours OPD = {x:.2f} (target <= 1.5: {'met' if x <= 1.5 else 'MISSED'})")
@@ -751,7 +736,7 @@ def main(argv: list[str] | None = None) -> dict[str, Result]:
         f"{args.new_tokens} new tokens per rollout, reverse KL, AdamW; {args.warmup} warm-up steps dropped, "
         f"median of {args.steps} interleaved steps per contender.",
     ]
-    check = [f"ratio to ours OPD = contender's s/step ÷ ours. Same-work check: "
+    check = ["ratio to ours OPD = contender's s/step ÷ ours. Same-work check: "
              + ("passed for every contender that ran." if not any(verdict.values()) else "see the notes.")]
     lines = header + ["", rows, ""] + check + [f"- {n}" for n in notes] + [""] + [f"- {t}" for t in targets(results, verdict)]
     text = "\n".join(lines)

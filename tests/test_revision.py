@@ -13,7 +13,6 @@ from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.callbacks import TrajectoryRevision
 from trd_lightning.losses import forward_kl
 from trd_lightning.rollout import (
-    build_context,
     encode_prompts,
     response_logits,
     sample_responses,

@@ -75,8 +75,9 @@ QUICKSTART = [
         "rewrite = TrajectoryRevision(RewriteReviser(sampling=Sampling(temperature=0.6, top_p=0.95)))\n"
         "trd, trd_log = distill('trd_rewrite', 'forward_kl', [rewrite])\n"
         "# TRD, token level (ours): keep y_o up to the first position the teacher disowns, continue inside\n"
-        "# the student's top-p support\n"
-        "revision = TrajectoryRevision(PrefixSpliceReviser(threshold=0.05, student_top_p=0.95))\n"
+        "# the student's top-p support. fused=False finishes y_o before revising it, so the curves below can\n"
+        "# compare y_o with y_r; the default (fused=True) revises while sampling: same y_r distribution, faster\n"
+        "revision = TrajectoryRevision(PrefixSpliceReviser(threshold=0.05, student_top_p=0.95, fused=False))\n"
         "splice, splice_log = distill('trd_splice', 'forward_kl', [revision])\n"
         "results = {'initial': initial, 'OPD': evaluate(opd), 'TRD rewrite': evaluate(trd), 'TRD splice': evaluate(splice)}\n"
         "{name: (round(r['test/avg@16'], 3), round(r['test/pass@8'], 3)) for name, r in results.items()}  # (Avg@16, Pass@8)"
@@ -224,6 +225,8 @@ AUDIT = [
 
 def write(name: str, cells: list) -> None:
     nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i}"  # stable ids: regenerating an unchanged notebook changes nothing
     nbformat.write(nb, NOTEBOOKS / name)
 
 

@@ -136,6 +136,9 @@ class DistillationModule(LightningModule):
         self.skipped_nonfinite = 0  # training state: checkpointed
         self._discard_grads = False
         self._rng_to_restore: dict | None = None
+        # Set by TrajectoryRevision for a reviser that revises while sampling (a fused
+        # PrefixSpliceReviser): training rollouts then come from it, not from generate.
+        self.fused_reviser = None
 
     # --- protocol (see trd_lightning.protocol) --------------------------------------------------
     @property
@@ -181,7 +184,12 @@ class DistillationModule(LightningModule):
 
     # --- rollouts ---------------------------------------------------------------------------
     def make_rollout(self, problems: list) -> Rollout:
-        """Sample ``y_o`` from the current student and lay out the student and teacher contexts."""
+        """Sample ``y_o`` from the current student and lay out the student and teacher contexts.
+
+        In training with a fused reviser attached, the rollout is sampled and revised in one decode.
+        """
+        if self.fused_reviser is not None and self._trainer is not None and self.trainer.training:
+            return self.fused_reviser.sample_revised(self, problems)
         start = time.perf_counter()
         student_prompts = [self.task.student_prompt(p) for p in problems]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, student_prompts, self.device, self.max_prompt_length)
@@ -202,7 +210,9 @@ class DistillationModule(LightningModule):
 
     # --- steps ------------------------------------------------------------------------------
     def distillation_loss(self, rollout: Rollout) -> torch.Tensor:
-        teacher_logits = self.score(rollout.teacher, role="teacher")
+        teacher_logits = rollout.teacher_logits
+        if teacher_logits is None:
+            teacher_logits = self.score(rollout.teacher, role="teacher")
         student_logits = self.score(rollout.student, role="student")
         return compute_loss(
             self.loss_name,

@@ -16,14 +16,13 @@ A reviser only uses the `RolloutModel` protocol (``task``, ``tokenizer``, ``samp
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import time
 from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from trd_lightning.decoding import Proposer, model_step, prompt_positions
 from trd_lightning.models import check_compatible, load_causal_lm, load_tokenizer
 from trd_lightning.rollout import (
     Context,
@@ -38,8 +37,6 @@ from trd_lightning.rollout import (
 )
 
 Refine = Literal["all", "failed"]
-# transformers 5 renamed the KV-cache argument of `forward` from past_key_values to cache.
-_CACHE_KW = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 class Reviser(ABC):
@@ -181,9 +178,17 @@ class RewriteReviser(Reviser):
                     f"(position limit minus max_new_tokens={sampling.max_new_tokens}); shorten the attempt "
                     "the task puts into c_r (e.g. ArithmeticTask(max_attempt_chars=...)) or set max_context_tokens"
                 )
+            refiner_logits = None
             if self._refiner is not None:
                 ids, mask = encode_prompts(tok, prompts, module.device)
                 out, out_mask = sample_responses(self._refiner, tok, ids, mask, sampling)
+            elif self._refiner_is_teacher(module) and len(picked) == len(originals):
+                # The teacher scores y_r under c_r, which is what the refiner (the same model)
+                # just generated from: keep generate's logits instead of a second forward.
+                ids, mask = encode_prompts(tok, prompts, module.device, getattr(module, "max_prompt_length", None))
+                out, out_mask, refiner_logits = sample_responses(
+                    module.model_for("refiner"), tok, ids, mask, sampling, synced_gpus=synced, return_logits=True
+                )
             else:
                 out, out_mask = module.sample(prompts, role="refiner", sampling=sampling)
             for j, i in enumerate([] if dummy else picked):
@@ -193,7 +198,16 @@ class RewriteReviser(Reviser):
         t_star = first_difference(originals, new)
         t_star[~revised_rows] = -1
         info = revision_stats(module, rollout, revised_rows, t_star, new)
-        return assemble_rollout(module, rollout.problems, new, teacher_prompts, info)
+        info["revision_tokens"] = int(out.numel()) if picked and not dummy else 0  # what the refiner decoded
+        revised = assemble_rollout(module, rollout.problems, new, teacher_prompts, info)
+        if picked and not dummy and refiner_logits is not None:
+            revised = revised.replace(teacher_logits=refiner_logits)
+        return revised
+
+    @staticmethod
+    def _refiner_is_teacher(module) -> bool:
+        model_for = getattr(module, "model_for", None)
+        return model_for is not None and model_for("refiner") is model_for("teacher")
 
 
 class PrefixSpliceReviser(Reviser):
@@ -209,7 +223,25 @@ class PrefixSpliceReviser(Reviser):
     top-``student_top_p`` set (renormalised). If the teacher puts less than ``min_mass`` on that set
     (the intersection is empty in effect), the token is drawn by ``fallback``: ``teacher`` (its
     unrestricted distribution: correctness first) or ``student`` (the student's top-p set:
-    support first). How often that happened is logged as ``fallback_rate``.
+    support first). How often that happened is logged as ``fallback_rate``. ``y_r`` has the same
+    length budget as a rollout (``max_new_tokens``, default: the module's sampling budget): the
+    continuation fills what ``t*`` left.
+
+    Two ways to run it, with the same distribution of ``y_r``:
+
+    * **fused** (``fused=True``; the default when ``refine="all"``): the revision happens while the
+      rollout is sampled. Student and teacher step together; each student token is checked by the
+      teacher as it is drawn, and the first disowned one is replaced and starts the restricted
+      continuation. A row is therefore decoded once, not sampled to the end and then partly
+      decoded again, and the teacher logits the loss needs were computed along the way (no
+      separate teacher forward). ``y_o`` past ``t*`` never exists, so the statistics that compare
+      it with ``y_r`` (fail->pass, accuracy and length before) are not logged. Needs a module
+      that samples through `fused_reviser` (`DistillationModule` does; `TrajectoryRevision` wires
+      it) and falls back to the two-pass form elsewhere.
+    * **two-pass** (``fused=False``, required by ``refine="failed"``, which must verify the
+      finished ``y_o``): ``revise`` takes a finished rollout, scores it with the teacher for
+      ``t*`` and decodes the continuations of the failed rows (batched, both KV caches). The
+      teacher logits of the kept prefixes and of the continuations are reused for the loss.
     """
 
     def __init__(
@@ -223,6 +255,7 @@ class PrefixSpliceReviser(Reviser):
         fallback: Literal["teacher", "student"] = "teacher",
         min_mass: float = 1e-4,
         refine: Refine = "all",
+        fused: bool | None = None,
     ):
         if criterion not in ("teacher_prob", "teacher_top_p"):
             raise ValueError(f"unknown criterion {criterion!r}; choose 'teacher_prob' or 'teacher_top_p'")
@@ -235,10 +268,16 @@ class PrefixSpliceReviser(Reviser):
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if fused and refine == "failed":
+            raise ValueError(
+                "fused=True revises while the rollout is sampled, before y_o is finished, so it cannot verify y_o "
+                "for refine='failed'; use fused=False (two-pass) with refine='failed', or refine='all'"
+            )
         self.criterion, self.threshold = criterion, threshold
         self.teacher_top_p, self.student_top_p = teacher_top_p, student_top_p
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
         self.fallback, self.min_mass, self.refine = fallback, min_mass, refine
+        self.fused = refine == "all" if fused is None else fused
 
     def setup(self, module) -> None:
         trainer = getattr(module, "_trainer", None)
@@ -251,18 +290,142 @@ class PrefixSpliceReviser(Reviser):
                 f"PrefixSpliceReviser does not support sharded multi-process training ({strategy}); "
                 "use RewriteReviser there, or DDP (replicated models)"
             )
+        sampling = getattr(module, "sampling", None)
+        if self.fused and sampling is not None:
+            Proposer(sampling.generate_kwargs(), 1, module.tokenizer.eos_token_id, "cpu")  # refuses what it cannot honour
+
+    # --- the two decisions, shared by both forms ------------------------------------------------
+    def disowned(self, teacher_logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Whether the teacher disowns each token (``teacher_logp``: [..., V], ``tokens``: [...])."""
+        if self.criterion == "teacher_prob":
+            return teacher_logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).exp() < self.threshold
+        return ~top_p_mask(teacher_logp, self.teacher_top_p).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
     def first_failure(self, teacher_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``t*`` per row (``-1`` where no position fails), vectorised over the batch."""
-        logp = teacher_logits.float().log_softmax(-1)
-        if self.criterion == "teacher_prob":
-            failed = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).exp() < self.threshold
-        else:
-            failed = ~top_p_mask(logp, self.teacher_top_p).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        failed &= mask.bool()
+        failed = self.disowned(teacher_logits.float().log_softmax(-1), tokens) & mask.bool()
         first = failed.float().argmax(-1)
         return torch.where(failed.any(-1), first, torch.full_like(first, -1))
 
+    def replacement(
+        self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, teacher_logp: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A token per row from the teacher restricted to the student's top-p set, and where that set was empty.
+
+        ``teacher_logp``: the teacher's log-softmax at temperature 1, if the caller has it already.
+        Runs once per decoded token, so it is kept to a few whole-batch ops: ``multinomial``
+        takes the unnormalised restricted weights directly.
+        """
+        if teacher_logp is not None and self.temperature == 1.0:
+            q = teacher_logp.exp()
+        else:
+            q = (teacher_logits.float() / self.temperature).softmax(-1)
+        student_p = student_logits.float().softmax(-1)
+        support = top_p_mask(student_p.log(), self.student_top_p)
+        restricted = q * support
+        empty = restricted.sum(-1) < self.min_mass
+        fallback = q if self.fallback == "teacher" else student_p * support
+        weights = torch.where(empty.unsqueeze(-1), fallback, restricted)
+        return torch.multinomial(weights, 1).squeeze(-1), empty
+
+    def _budget(self, module) -> int:
+        return self.max_new_tokens or getattr(getattr(module, "sampling", None), "max_new_tokens", 48)
+
+    # --- fused: sample and revise in one decode -------------------------------------------------
+    def sample_revised(self, module, problems: list) -> Rollout:
+        """Sample ``y_r`` directly from the current student, revising each row at its ``t*``."""
+        start = time.perf_counter()
+        # inference_mode skips autograd's bookkeeping on every small op of the decode (~8 % of its
+        # time here); its outputs are cloned out of it, because the student's training forward
+        # takes the ids as input and the loss saves the teacher logits for backward.
+        with torch.inference_mode():
+            rollout = self._sample_revised(module, problems)
+        rollout = _clone_out_of_inference(rollout)
+        rollout.info["seconds"] = time.perf_counter() - start
+        return rollout
+
+    def _sample_revised(self, module, problems: list) -> Rollout:
+        task, tok, device = module.task, module.tokenizer, module.device
+        limit = getattr(module, "max_prompt_length", None)
+        teacher, student = module.model_for("teacher"), module.model_for("student")
+        sampling = getattr(module, "sampling", None) or Sampling()
+        student_prompts = [task.student_prompt(p) for p in problems]
+        teacher_prompts = [module.teacher_prompt(p) for p in problems]
+        s_ids, s_mask = encode_prompts(tok, student_prompts, device, limit)
+        same_prompt = teacher_prompts == student_prompts
+        t_ids, t_mask = (s_ids, s_mask) if same_prompt else encode_prompts(tok, teacher_prompts, device, limit)
+        propose = Proposer(sampling.generate_kwargs(), s_ids.shape[1], tok.eos_token_id, device)
+        n, budget, s_width, t_width = len(problems), self._budget(module), s_ids.shape[1], t_ids.shape[1]
+        # Preallocated for the whole decode: each step takes views instead of growing tensors.
+        s_mask = torch.cat([s_mask, s_mask.new_ones(n, budget)], 1)
+        t_mask = s_mask if same_prompt else torch.cat([t_mask, t_mask.new_ones(n, budget)], 1)
+        ids = torch.cat([s_ids, s_ids.new_full((n, budget), tok.pad_token_id)], 1)
+        s_pos, t_pos = prompt_positions(s_mask[:, :s_width]), prompt_positions(t_mask[:, :t_width])
+        s_logits, s_cache = model_step(student, s_ids, s_mask[:, :s_width], s_pos, None)
+        t_logits, t_cache = model_step(teacher, t_ids, t_mask[:, :t_width], t_pos, None)
+        s_pos, t_pos = s_pos[:, -1:], t_pos[:, -1:]
+        t_star = torch.full((n,), -1, dtype=torch.long, device=device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        teacher_steps, empties = [], []
+        any_revising = all_revising = False  # host-side, refreshed by one sync per step
+        for i in range(budget):
+            teacher_steps.append(t_logits)
+            t_logp = t_logits.float().log_softmax(-1)
+            if all_revising:
+                nxt, empty = self.replacement(t_logits, s_logits, t_logp)  # no proposal can be kept
+            else:
+                nxt = propose(ids[:, : s_width + i], s_logits)
+                newly = self.disowned(t_logp, nxt) & (t_star < 0) & ~done
+                t_star.masked_fill_(newly, i)
+                # Until the first row revises, ask (one sync) before drawing replacements for nobody.
+                if any_revising or bool(newly.any()):
+                    any_revising = True
+                    replaced, empty = self.replacement(t_logits, s_logits, t_logp)
+                    nxt = torch.where(t_star >= 0, replaced, nxt)
+                else:
+                    empty = torch.zeros_like(done)
+            nxt = nxt.masked_fill(done, tok.pad_token_id)
+            ids[:, s_width + i] = nxt
+            empties.append(empty)
+            done |= nxt == tok.eos_token_id
+            finished, all_revising = torch.stack([done.all(), (done | (t_star >= 0)).all()]).tolist()
+            if i == budget - 1 or finished:
+                break  # the last token needs no forward pass after it
+            s_pos, t_pos = s_pos + 1, t_pos + 1
+            step_ids = nxt.unsqueeze(-1)
+            s_logits, s_cache = model_step(student, step_ids, s_mask[:, : s_width + i + 1], s_pos, s_cache)
+            t_logits, t_cache = model_step(teacher, step_ids, t_mask[:, : t_width + i + 1], t_pos, t_cache)
+        steps = len(teacher_steps)
+        block = ids[:, s_width : s_width + steps]
+        mask = response_mask_from_ids(block, tok.eos_token_id)
+        block = block.masked_fill(~mask, tok.pad_token_id)
+        student_ctx = Context(torch.cat([s_ids, block], 1), torch.cat([s_mask[:, :s_width], mask.long()], 1), s_width)
+        if same_prompt:
+            teacher_ctx = student_ctx
+        else:
+            teacher_ctx = Context(torch.cat([t_ids, block], 1), torch.cat([t_mask[:, :t_width], mask.long()], 1), t_width)
+        lengths = mask.sum(-1)
+        revised = t_star >= 0
+        # Positions drawn from the restricted distribution: t* and after, up to each row's end.
+        revised_positions = (torch.arange(block.shape[1], device=device) >= t_star.unsqueeze(1)) & revised.unsqueeze(1) & mask
+        fallbacks = (torch.stack(empties, 1) & revised_positions).sum()
+        texts = decode_responses(tok, block, mask)
+        correct = torch.tensor([task.verify(p, t) for p, t in zip(problems, texts)], dtype=torch.float)
+        info = {
+            "fused": True,
+            "fraction_revised": revised.float().mean().item(),
+            "t_star": t_star[revised].float().mean().item() if bool(revised.any()) else float("nan"),
+            "t_star_rows": t_star.cpu(),
+            "accuracy_after": correct.mean().item(),
+            "length_after": lengths.float().mean().item(),
+            "fallback_rate": float(fallbacks) / max(float(revised_positions.sum()), 1.0),
+            "decode_steps": steps,  # every row was decoded (proposed or replaced) at each step
+            "decoded_tokens": int(lengths.sum()),
+            "revision_tokens": int((lengths - t_star).clamp(min=0)[revised].sum()),
+        }
+        return Rollout(list(problems), block, mask, student_ctx, teacher_ctx, info, teacher_logits=torch.stack(teacher_steps, 1))
+
+    # --- two-pass: revise a finished rollout ----------------------------------------------------
     def revise(self, module, rollout: Rollout) -> Rollout:
         task, tok = module.task, module.tokenizer
         teacher_logits = module.score(rollout.teacher, role="teacher")
@@ -273,70 +436,79 @@ class PrefixSpliceReviser(Reviser):
             t_star = torch.where(ok, torch.full_like(t_star, -1), t_star)
         originals = rows(rollout)
         new = list(originals)
+        # The loss needs the teacher's logits along y_r: the kept prefix's come from the scoring
+        # above, the continuation's from the decode below (same context c, same positions).
+        logit_rows = [teacher_logits[i, : len(r)] for i, r in enumerate(originals)]
         picked = (t_star >= 0).nonzero().flatten().tolist()
         fallback_rate = 0.0
         if picked:
             idx = torch.tensor(picked, device=rollout.response_ids.device)
             keep = [originals[i][: int(t_star[i])] for i in picked]
-            cont, fallback_rate = self._continue(module, rollout, idx, keep)
+            # y_r gets the same length budget as a rollout: the continuation fills what t* left.
+            remaining = self._budget(module) - t_star[idx]
+            cont, cont_logits, fallback_rate = self._continue(module, rollout, idx, keep, remaining)
             for j, i in enumerate(picked):
+                t = int(t_star[i])
                 new[i] = torch.cat([keep[j], cont[j]])
+                logit_rows[i] = torch.cat([teacher_logits[i, :t], cont_logits[j, : len(cont[j])]])
         revised_rows = (t_star >= 0).cpu()
         info = revision_stats(module, rollout, revised_rows, t_star.cpu(), new)
         info["fallback_rate"] = fallback_rate
-        return assemble_rollout(module, rollout.problems, new, [module.teacher_prompt(p) for p in rollout.problems], info)
+        info["t_star_rows"] = t_star.cpu()
+        info["revision_tokens"] = sum(len(new[i]) - int(t_star[i]) for i in picked)
+        revised = assemble_rollout(module, rollout.problems, new, [module.teacher_prompt(p) for p in rollout.problems], info)
+        return revised.replace(teacher_logits=right_pad_rows(logit_rows, revised.response_ids.shape[1]))
 
     @torch.no_grad()
-    def _continue(self, module, rollout: Rollout, idx: torch.Tensor, keep: list[torch.Tensor]):
-        """Decode the continuations of the selected rows with both models' KV caches, batched."""
+    def _continue(self, module, rollout: Rollout, idx: torch.Tensor, keep: list[torch.Tensor], remaining: torch.Tensor):
+        """Decode the continuations of the selected rows with both models' KV caches, batched.
+
+        ``remaining``: each row's token budget. Returns the continuations (EOS included where one
+        was drawn within budget), the teacher's logits before each of their tokens
+        ([rows, steps, V]) and the fallback rate.
+        """
         tok = module.tokenizer
         teacher, student = module.model_for("teacher"), module.model_for("student")
-        budget = self.max_new_tokens or getattr(getattr(module, "sampling", None), "max_new_tokens", 48)
+        budget = int(remaining.max())
         t_ctx = _prefix_context(rollout.teacher, idx, keep, tok.pad_token_id)
         s_ctx = _prefix_context(rollout.student, idx, keep, tok.pad_token_id)
-        t_logits, t_cache = _step(teacher, t_ctx.input_ids, t_ctx.attention_mask, t_ctx.position_ids, None)
-        s_logits, s_cache = _step(student, s_ctx.input_ids, s_ctx.attention_mask, s_ctx.position_ids, None)
+        t_logits, t_cache = model_step(teacher, t_ctx.input_ids, t_ctx.attention_mask, t_ctx.position_ids, None)
+        s_logits, s_cache = model_step(student, s_ctx.input_ids, s_ctx.attention_mask, s_ctx.position_ids, None)
         t_mask, s_mask = t_ctx.attention_mask, s_ctx.attention_mask
         t_pos, s_pos = t_ctx.position_ids[:, -1:], s_ctx.position_ids[:, -1:]
         done = torch.zeros(len(idx), dtype=torch.bool, device=idx.device)
         # Counted on the device and read once at the end: no host sync per token for statistics.
-        out, fallbacks, steps = [], torch.zeros((), device=idx.device), torch.zeros((), device=idx.device)
-        log_min_mass = math.log(self.min_mass)
+        out, teacher_steps = [], []
+        fallbacks, steps = torch.zeros((), device=idx.device), torch.zeros((), device=idx.device)
         for i in range(budget):
-            q = (t_logits / self.temperature).log_softmax(-1)
-            support = top_p_mask(s_logits.float().log_softmax(-1), self.student_top_p)
-            restricted = q.masked_fill(~support, float("-inf"))
-            empty = torch.logsumexp(restricted, -1) < log_min_mass
-            if self.fallback == "teacher":
-                fallback_logits = q
-            else:
-                fallback_logits = s_logits.float().log_softmax(-1).masked_fill(~support, float("-inf"))
-            logits = torch.where(empty.unsqueeze(-1), fallback_logits, restricted)
-            nxt = torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+            teacher_steps.append(t_logits)
+            nxt, empty = self.replacement(t_logits, s_logits)
             nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
             fallbacks += (empty & ~done).sum()
             steps += (~done).sum()
             out.append(nxt)
-            done |= nxt == tok.eos_token_id
+            done |= (nxt == tok.eos_token_id) | (remaining <= i + 1)
             if i == budget - 1 or bool(done.all()):
                 break  # the last token needs no forward pass after it
             t_mask = torch.cat([t_mask, torch.ones_like(t_mask[:, :1])], 1)
             s_mask = torch.cat([s_mask, torch.ones_like(s_mask[:, :1])], 1)
             t_pos, s_pos = t_pos + 1, s_pos + 1
-            t_logits, t_cache = _step(teacher, nxt.unsqueeze(-1), t_mask, t_pos, t_cache)
-            s_logits, s_cache = _step(student, nxt.unsqueeze(-1), s_mask, s_pos, s_cache)
+            t_logits, t_cache = model_step(teacher, nxt.unsqueeze(-1), t_mask, t_pos, t_cache)
+            s_logits, s_cache = model_step(student, nxt.unsqueeze(-1), s_mask, s_pos, s_cache)
         block = torch.stack(out, 1)
-        mask = response_mask_from_ids(block, tok.eos_token_id)
-        return [r[m] for r, m in zip(block, mask)], float(fallbacks) / max(float(steps), 1.0)
+        within = torch.arange(block.shape[1], device=block.device) < remaining.unsqueeze(1)
+        mask = response_mask_from_ids(block, tok.eos_token_id) & within
+        continuations = [r[m] for r, m in zip(block, mask)]
+        return continuations, torch.stack(teacher_steps, 1), float(fallbacks) / max(float(steps), 1.0)
 
 
 def top_p_mask(logp: torch.Tensor, top_p: float) -> torch.Tensor:
     """Boolean mask of the smallest set of tokens whose mass reaches ``top_p`` (at least one)."""
     sorted_logp, order = logp.sort(-1, descending=True)
-    cum = sorted_logp.exp().cumsum(-1)
-    keep_sorted = (cum - sorted_logp.exp()) < top_p  # mass *before* a token is below top_p
-    keep_sorted[..., 0] = True
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    sorted_p = sorted_logp.exp()
+    # Keep a token while the mass *before* it is below top_p: the first token always (0 < top_p).
+    keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
+    return torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
 def _prefix_context(ctx: Context, idx: torch.Tensor, keep: list[torch.Tensor], pad: int) -> Context:
@@ -349,6 +521,25 @@ def _prefix_context(ctx: Context, idx: torch.Tensor, keep: list[torch.Tensor], p
     return Context(ids, mask, ids.shape[1])
 
 
-def _step(model, ids, mask, pos, cache):
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{_CACHE_KW: cache})
-    return out.logits[:, -1].float(), getattr(out, _CACHE_KW)
+def _clone_out_of_inference(rollout: Rollout) -> Rollout:
+    """The rollout's tensors as normal tensors (clones made outside inference mode)."""
+    ctx = lambda c: Context(c.input_ids.clone(), c.attention_mask.clone(), c.prompt_width)  # noqa: E731
+    student = ctx(rollout.student)
+    teacher = student if rollout.teacher is rollout.student else ctx(rollout.teacher)
+    return rollout.replace(
+        response_ids=rollout.response_ids.clone(),
+        response_mask=rollout.response_mask.clone(),
+        student=student,
+        teacher=teacher,
+        teacher_logits=rollout.teacher_logits.clone(),
+    )
+
+
+def right_pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Per-row ``[n_i, V]`` tensors stacked to ``[B, width, V]`` (zeros after each row's end)."""
+    first = rows[0]
+    out = first.new_zeros((len(rows), width, first.shape[-1]))
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+

@@ -71,12 +71,18 @@ class Rollout:
     student: Context
     teacher: Context
     info: dict[str, Any] = field(default_factory=dict)
+    # [B, N, V] teacher logits along the response block, when whoever built the rollout already
+    # computed them (a reviser's decode); the loss then skips its own teacher forward. Dropped by
+    # `replace` whenever the tokens or the teacher context change.
+    teacher_logits: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)
 
     def replace(self, **changes) -> Rollout:
+        if {"response_ids", "response_mask", "teacher"} & changes.keys() and "teacher_logits" not in changes:
+            changes["teacher_logits"] = None  # stale: they belong to the old tokens or context
         return replace(self, **changes)
 
 
@@ -141,9 +147,15 @@ def sample_responses(
     *,
     num_return_sequences: int = 1,
     synced_gpus: bool = False,
+    return_logits: bool = False,
     **extra: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample with ``generate`` (KV cache on); returns the response block and its mask, trimmed."""
+) -> tuple[torch.Tensor, ...]:
+    """Sample with ``generate`` (KV cache on); returns the response block and its mask, trimmed.
+
+    ``return_logits``: also return the model's raw logits before each response token ([B, N, V],
+    aligned with the block), which generate computes anyway: a caller that would score the
+    response with the same model under the same prompt gets them without another forward.
+    """
     if num_return_sequences > 1 and sampling.temperature == 0:
         # generate refuses several greedy sequences per prompt; repeating the prompts gives the
         # same (identical) samples, row-aligned as num_return_sequences would be.
@@ -158,14 +170,19 @@ def sample_responses(
         use_cache=True,
         num_return_sequences=num_return_sequences,
         synced_gpus=synced_gpus,
+        **({"return_dict_in_generate": True, "output_logits": True} if return_logits else {}),
         **sampling.generate_kwargs(),
         **extra,
     )
-    response = out[:, prompt_ids.shape[1]:]
+    sequences = out.sequences if return_logits else out
+    response = sequences[:, prompt_ids.shape[1]:]
     mask = response_mask_from_ids(response, tokenizer.eos_token_id)
     width = int(mask.sum(-1).max().clamp(min=1))
     response, mask = response[:, :width], mask[:, :width]
-    return response.masked_fill(~mask, tokenizer.pad_token_id), mask
+    response = response.masked_fill(~mask, tokenizer.pad_token_id)
+    if return_logits:
+        return response, mask, torch.stack(out.logits, 1)[:, :width]
+    return response, mask
 
 
 def build_context(

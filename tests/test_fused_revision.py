@@ -1,0 +1,162 @@
+"""Revision without recomputation: the fused splice (sample and revise in one decode) gives the
+two-pass splice's trajectories, the teacher logits a reviser hands to the loss equal a fresh
+teacher forward, and the hand-driven proposals follow generate's sampling rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import cpu_trainer
+from trd_lightning import DistillationModule, PromptDataModule, Sampling
+from trd_lightning.callbacks import TrajectoryRevision
+from trd_lightning.decoding import Proposer
+from trd_lightning.revision import PrefixSpliceReviser, RewriteReviser, rows, top_p_mask
+from trd_lightning.tasks import ArithmeticTask
+
+GREEDY = Sampling(temperature=0.0, max_new_tokens=12)
+
+
+@pytest.fixture
+def task():
+    # Test-split problems only: building the (large) train split costs seconds.
+    return ArithmeticTask(val_size=8, test_size=16)
+
+
+def make_module(tiny_paths, task, sampling=GREEDY, **kw):
+    return DistillationModule(student=tiny_paths["student"], teacher=tiny_paths["teacher"], task=task, sampling=sampling, **kw)
+
+
+def masked_max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    return (a - b).abs().amax(-1)[mask.bool()].max().item()
+
+
+def test_fused_splice_equals_two_pass_when_every_draw_is_deterministic(tiny_paths, task):
+    # Greedy student and a near-zero reviser temperature make both forms deterministic, so the
+    # one-decode form must reproduce the two-pass trajectories token for token.
+    module = make_module(tiny_paths, task)
+    problems = list(task.problems("test"))[:16]
+    original = module.make_rollout(problems)
+    # A threshold between the rows' lowest teacher probabilities: some rows are revised, some not.
+    probs = module.score(original.teacher, role="teacher").float().softmax(-1)
+    token_probs = probs.gather(-1, original.response_ids.unsqueeze(-1)).squeeze(-1).masked_fill(~original.response_mask, 1.0)
+    reviser = PrefixSpliceReviser(threshold=token_probs.amin(-1).median().item(), temperature=1e-6)
+    two_pass = reviser.revise(module, original)
+    fused = reviser.sample_revised(module, problems)
+    t_star = two_pass.info["t_star_rows"]
+    assert (t_star > 0).any() and (t_star == -1).any(), "want rows revised mid-way and rows left alone"
+    assert torch.equal(fused.info["t_star_rows"], t_star)
+    assert [r.tolist() for r in rows(fused)] == [r.tolist() for r in rows(two_pass)]
+    assert fused.info["accuracy_after"] == pytest.approx(two_pass.info["accuracy_after"])
+    # Rows the teacher never disowned are the greedy rollout itself.
+    kept = (t_star == -1).nonzero().flatten().tolist()
+    assert all(torch.equal(rows(fused)[i], rows(original)[i]) for i in kept)
+
+
+@pytest.mark.parametrize("form", ["fused", "two_pass", "rewrite"])
+def test_reused_teacher_logits_equal_a_fresh_teacher_forward(tiny_paths, task, form):
+    torch.manual_seed(0)
+    module = make_module(tiny_paths, task, sampling=Sampling(temperature=1.0, max_new_tokens=12))
+    problems = list(task.problems("test"))[:8]
+    if form == "fused":
+        revised = PrefixSpliceReviser(threshold=0.2).sample_revised(module, problems)
+    elif form == "two_pass":
+        revised = PrefixSpliceReviser(threshold=0.2, fused=False).revise(module, module.make_rollout(problems))
+    else:
+        revised = RewriteReviser().revise(module, module.make_rollout(problems))
+    assert revised.teacher_logits is not None, "the reviser computed these logits and must hand them on"
+    assert revised.teacher_logits.shape[:2] == revised.response_ids.shape
+    fresh = module.score(revised.teacher, role="teacher")
+    assert masked_max_diff(revised.teacher_logits, fresh, revised.response_mask) < 1e-4
+    # ... so the loss is the same as with the teacher forward it skips.
+    reused = module.distillation_loss(revised)
+    recomputed = module.distillation_loss(revised.replace(teacher_logits=None))
+    torch.testing.assert_close(reused, recomputed, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_splice_revises_at_the_first_disowned_token_and_stays_in_support(tiny_paths, task):
+    torch.manual_seed(1)
+    module = make_module(tiny_paths, task, sampling=Sampling(temperature=1.0, max_new_tokens=12))
+    reviser = PrefixSpliceReviser(threshold=0.035, student_top_p=0.6, fallback="student")
+    problems = list(task.problems("test"))[:16]
+    fused = reviser.sample_revised(module, problems)
+    # Checked against fresh full forwards of both models over the finished trajectories.
+    teacher_logp = module.score(fused.teacher, role="teacher").float().log_softmax(-1)
+    disowned = reviser.disowned(teacher_logp, fused.response_ids) & fused.response_mask
+    student_logp = module.score(fused.student, role="student").detach().float().log_softmax(-1)
+    support = top_p_mask(student_logp, 0.6 + 1e-3)  # a hair of slack for KV-cache vs full-forward rounding
+    t_star = fused.info["t_star_rows"].tolist()
+    assert any(t > 0 for t in t_star) and any(t == -1 for t in t_star), "want kept prefixes and untouched rows"
+    for i, t in enumerate(t_star):
+        n = int(fused.response_mask[i].sum())
+        end = n if t < 0 else t
+        assert not disowned[i, :end].any(), f"row {i}: a kept student token the teacher disowns"
+        if t >= 0:
+            chosen = fused.response_ids[i, t:n]
+            assert support[i, torch.arange(t, n), chosen].all(), f"row {i}: a revised token left the student's top-p set"
+    assert fused.info["fraction_revised"] == pytest.approx(sum(t >= 0 for t in t_star) / len(t_star))
+
+
+def test_fused_splice_in_training_and_not_in_evaluation(tiny_paths, task):
+    module = make_module(tiny_paths, task, sampling=Sampling(temperature=1.0, max_new_tokens=10))
+    reviser = PrefixSpliceReviser(threshold=0.2)
+    callback = TrajectoryRevision(reviser)
+    seen = []
+
+    class Record(TrajectoryRevision.__mro__[1]):  # a plain Callback
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((pl_module.fused_reviser is reviser, batch["rollout"].info.get("fused", False)))
+
+    trainer = cpu_trainer(max_steps=2, limit_val_batches=0, callbacks=[callback, Record()])
+    trainer.fit(module, PromptDataModule(task, batch_size=4))
+    assert seen == [(True, True)] * 2, "training rollouts come from the fused reviser"
+    assert module.fused_reviser is None, "unhooked after fit"
+    assert "fused" not in module.make_rollout(list(task.problems("test"))[:2]).info
+    history = callback.history[-1]
+    assert {"revision/fraction_revised", "revision/rollout_seconds", "revision/rest_seconds"} <= history.keys()
+    assert "revision/fail_to_pass" not in history, "y_o is never finished in the fused form"
+    assert "revision/fraction_revised" in trainer.logged_metrics
+
+
+def test_refine_failed_needs_two_pass_and_the_default_picks_it():
+    assert PrefixSpliceReviser().fused and not PrefixSpliceReviser(refine="failed").fused
+    with pytest.raises(ValueError, match="cannot verify y_o for refine='failed'; use fused=False"):
+        PrefixSpliceReviser(refine="failed", fused=True)
+
+
+def test_unsupported_sampling_option_is_refused_before_training(tiny_paths, task):
+    class Penalised(Sampling):
+        def generate_kwargs(self):
+            return {**super().generate_kwargs(), "repetition_penalty": 1.3}
+
+    module = make_module(tiny_paths, task, sampling=Penalised(max_new_tokens=4))
+    with pytest.raises(ValueError, match=r"does not implement the generate options \['repetition_penalty'\]"):
+        PrefixSpliceReviser().setup(module)
+
+
+def test_proposer_follows_generate_sampling_rules():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 24)
+    eos = 2
+    ids = torch.zeros(3, 7, dtype=torch.long)  # a 5-token prompt and 2 tokens drawn so far
+    proposer = Proposer({"do_sample": True, "temperature": 0.7, "top_k": 6, "top_p": 0.8, "min_new_tokens": 4}, 5, eos, "cpu")
+    probs = proposer.processors(ids, logits).softmax(-1)
+    # Brute force: EOS banned (2 < 4 new tokens), p ~ exp(l / T), keep the top 6, then the
+    # smallest set reaching 0.8 of what is left.
+    expected = torch.zeros_like(probs)
+    for r in range(3):
+        scaled = logits[r].clone() / 0.7
+        scaled[eos] = float("-inf")
+        top = scaled.topk(6)
+        p = top.values.softmax(-1)
+        keep = (p.cumsum(-1) - p) < 0.8
+        expected[r, top.indices[keep]] = p[keep] / p[keep].sum()
+    torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
+    assert (Proposer({"do_sample": False}, 5, eos, "cpu")(ids, logits) == logits.argmax(-1)).all()
+
+
+def test_replacing_the_tokens_drops_stale_teacher_logits(tiny_paths, task):
+    module = make_module(tiny_paths, task)
+    revised = PrefixSpliceReviser(threshold=0.2).sample_revised(module, list(task.problems("test"))[:2])
+    assert revised.replace(info={}).teacher_logits is not None
+    assert revised.replace(response_ids=revised.response_ids.clone()).teacher_logits is None
