@@ -19,6 +19,11 @@ logging), while the others wait on a pipe and use no CPU. Warm-up steps are drop
 medians. Before a ratio is printed, the counts of generated tokens and loss positions that each
 contender reported for each step are compared: a contender whose work differs gets no ratio.
 
+The ``arith_*`` contenders measure TRD where it is used instead: the shipped configs
+(``configs/arith/{opd,trd_splice,trd_rewrite}.yaml``) with the trained student and teacher, natural
+rollout lengths and the configs' own losses, interleaved the same way; their ratio is to the OPD
+config, and their work is reported per step rather than forced equal.
+
 Peak memory is each process's maximum resident set size (``getrusage``), so it includes the Python
 runtime and the imported libraries (TRL imports more); "+train" is its growth once training started.
 """
@@ -53,7 +58,20 @@ LABELS = {
     "trl_gkd": "TRL `GKDTrainer` (experimental, lmbda=1)",
     "trl_distillation_defaults": "TRL `DistillationTrainer`, its defaults (grad. checkpointing, bf16, clipping)",
     "bare": "bare PyTorch loop (the floor)",
+    "arith_opd": "`configs/arith/opd.yaml` (OPD)",
+    "arith_trd_splice": "`configs/arith/trd_splice.yaml` (TRD splice, fused)",
+    "arith_trd_splice_two_pass": "`configs/arith/trd_splice.yaml`, `fused: false`",
+    "arith_trd_rewrite": "`configs/arith/trd_rewrite.yaml` (TRD rewrite)",
 }
+# The shipped training configs as they are (trained pair, natural lengths): TRD's cost where it is
+# used, compared with the OPD config. Their work is not forced equal, so it is reported, not checked.
+CONFIGS = {
+    "arith_opd": ("opd", False),
+    "arith_trd_splice": ("trd_splice", False),
+    "arith_trd_splice_two_pass": ("trd_splice", True),
+    "arith_trd_rewrite": ("trd_rewrite", False),
+}
+CONFIG_REFERENCE = "arith_opd"
 # Contenders that do exactly the OPD work; the TRD rows do it plus a revision (more work by design).
 SAME_WORK = ("ours_opd", "trl_distillation", "trl_gkd", "bare")
 REFERENCE = "ours_opd"
@@ -160,11 +178,63 @@ class FixedLengthSampling(Sampling):
         return {**super().generate_kwargs(), "min_new_tokens": self.max_new_tokens}
 
 
+def pace_callback(pacer, revising: bool):
+    """Reports each step's work to the pacer (and waits for the next "go") at the end of the step."""
+    from lightning.pytorch import Callback
+
+    class Pace(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            rollout = batch["rollout"]
+            original = rollout.info.get("original", rollout)
+            if rollout.info.get("fused"):
+                # One decode: every row was decoded at every step, by the student's proposal up
+                # to its t* and by the teacher-guided replacement after (the revision tokens).
+                generated = len(rollout.problems) * rollout.info["decode_steps"]
+            else:
+                generated = int(original.response_mask.sum())  # what the student's generate produced
+            work = {"generated": generated, "loss_positions": int(rollout.response_mask.sum())}
+            if revising:
+                work["revision_tokens"] = int(rollout.info["revision_tokens"])
+                work["fraction_revised"] = float(rollout.info["fraction_revised"])
+                work["t_star"] = float(rollout.info["t_star"])
+            pacer.step_done(work)
+
+    return Pace()
+
+
+def run_config(setup: Setup, pacer, name: str):
+    """A shipped arithmetic config as `trd fit` would build it (no logger, no validation, no checkpoints)."""
+    from lightning.pytorch import Trainer
+
+    from trd_lightning.callbacks import TrajectoryRevision
+    from trd_lightning.cli import build_cli
+
+    config, two_pass = CONFIGS[name]
+    path = ROOT / "configs" / "arith" / f"{config}.yaml"
+    cli = build_cli(["fit", "-c", str(path), "--trainer.logger=false", f"--seed_everything={setup.seed}"], run=False)
+    revision = [cb for cb in cli.trainer.callbacks if isinstance(cb, TrajectoryRevision)]
+    if two_pass:
+        revision[0].reviser.fused = False
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=setup.total,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=revision + [pace_callback(pacer, bool(revision))],
+    )
+    return lambda: trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
 def run_ours(setup: Setup, pacer, reviser: str | None):
     import functools
 
     import torch
-    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch import Trainer
 
     from trd_lightning.data import PromptDataModule
     from trd_lightning.module import DistillationModule
@@ -181,23 +251,6 @@ def run_ours(setup: Setup, pacer, reviser: str | None):
     )
     data = PromptDataModule(task, batch_size=setup.batch_size, shuffle=True)
 
-    class Pace(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            rollout = batch["rollout"]
-            original = rollout.info.get("original", rollout)
-            if rollout.info.get("fused"):
-                # One decode: every row was decoded at every step, by the student's proposal up
-                # to its t* and by the teacher-guided replacement after (the revision tokens).
-                generated = len(rollout.problems) * rollout.info["decode_steps"]
-            else:
-                generated = int(original.response_ids.numel())  # what the student's generate produced
-            work = {"generated": generated, "loss_positions": int(rollout.response_mask.sum())}
-            if reviser is not None:
-                work["revision_tokens"] = int(rollout.info["revision_tokens"])
-                work["fraction_revised"] = float(rollout.info["fraction_revised"])
-                work["t_star"] = float(rollout.info["t_star"])
-            pacer.step_done(work)
-
     callbacks = []
     if reviser is not None:
         from trd_lightning.callbacks import TrajectoryRevision
@@ -205,7 +258,7 @@ def run_ours(setup: Setup, pacer, reviser: str | None):
 
         revise = RewriteReviser() if reviser == "rewrite" else PrefixSpliceReviser(fused=reviser == "splice")
         callbacks.append(TrajectoryRevision(revise))
-    callbacks.append(Pace())  # last: runs after TrajectoryRevision's own end-of-batch logging
+    callbacks.append(pace_callback(pacer, reviser is not None))  # last: after TrajectoryRevision's logging
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
@@ -414,6 +467,7 @@ RUNNERS = {
     "trl_distillation_defaults": lambda s, p: run_trl_distillation(s, p, trl_defaults=True),
     "trl_gkd": run_trl_gkd,
     "bare": run_bare,
+    **{name: (lambda s, p, name=name: run_config(s, p, name)) for name in CONFIGS},
 }
 
 
@@ -527,6 +581,9 @@ def check_same_work(results: dict[str, Result]) -> dict[str, str | None]:
         if r.error or not r.works:
             verdict[name] = "did not run"
             continue
+        if name in CONFIGS:
+            verdict[name] = None  # natural lengths: the work is reported per step, not forced equal
+            continue
         gen = {w["generated"] for w in r.works}
         pos = {w["loss_positions"] for w in r.works}
         if ref_work is None:
@@ -545,11 +602,11 @@ def check_same_work(results: dict[str, Result]) -> dict[str, str | None]:
     return verdict
 
 
-def table(results: dict[str, Result], setup: Setup, verdict: dict) -> tuple[str, list[str]]:
-    ref = results.get(REFERENCE)
-    ref_median = statistics.median(ref.times) if ref and ref.times else None
+def table(results: dict[str, Result], setup: Setup, verdict: dict, reference: str = REFERENCE) -> tuple[str, list[str]]:
+    ref = results.get(reference)
+    ref_median = statistics.median(ref.times) if ref and ref.times and not ref.error else None
     rows = [
-        "| contender | s/step (median) | IQR | rollout tok/s | generated tok/step | loss positions/step | peak RSS MB (+train) | ratio to ours OPD |",
+        f"| contender | s/step (median) | IQR | rollout tok/s | generated tok/step | loss positions/step | peak RSS MB (+train) | ratio to {LABELS[reference].split(' (')[0]} |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
@@ -586,7 +643,7 @@ def table(results: dict[str, Result], setup: Setup, verdict: dict) -> tuple[str,
             ratio = f"{med / ref_median:.2f}×"
             if name in OPT_IN:
                 ratio += " (same tokens, more compute)"
-            elif name not in SAME_WORK:
+            elif name not in SAME_WORK and name != reference:
                 ratio += " (TRD: + revision)"
         rows.append(
             f"| {LABELS[name]} | {med:.3f} | {q[0]:.3f}–{q[2]:.3f} | {gen / med:.0f} | {gen_text} | {pos_text} | {rss} | {ratio} |"
@@ -604,19 +661,31 @@ def targets(results: dict[str, Result], verdict: dict) -> list[str]:
         if "ours_opd" in med and trl in med:
             x = med[trl] / med["ours_opd"]
             out.append(f"{trl} / ours OPD = {x:.2f} (target >= 1.5: {'met' if x >= 1.5 else 'MISSED'})")
-    for trd in ("ours_trd_rewrite", "ours_trd_splice", "ours_trd_splice_two_pass"):
-        if "ours_opd" in med and trd in med:
-            x = med[trd] / med["ours_opd"]
-            out.append(f"{trd} / ours OPD = {x:.2f} (target <= 1.5: {'met' if x <= 1.5 else 'MISSED'})")
+    for reference, trds in (
+        ("ours_opd", ("ours_trd_rewrite", "ours_trd_splice", "ours_trd_splice_two_pass")),
+        (CONFIG_REFERENCE, ("arith_trd_rewrite", "arith_trd_splice", "arith_trd_splice_two_pass")),
+    ):
+        for trd in trds:
+            if reference in med and trd in med:
+                x = med[trd] / med[reference]
+                out.append(f"{trd} / {reference} = {x:.2f} (target <= 1.5: {'met' if x <= 1.5 else 'MISSED'})")
     return out
 
+
+CONFIG_INTRO = (
+    "TRD where it is used: the shipped configs as `trd fit` builds them (trained 128 × 4 student and teacher from "
+    "`trd_lightning/assets/arith`, batch 32, temperature 1, up to 48 tokens, EOS allowed, forward KL for TRD). "
+    "Lengths are natural, so the work is reported, not forced equal; the ratio is to the OPD config."
+)
 
 HOW = """How each contender was made to do the same work:
 
 - ours: `DistillationModule(mode="opd", loss="reverse_kl")` + `PromptDataModule(batch_size)`, `Trainer.fit` with
   no logger, progress bar or checkpointing; rollouts sample exactly `--new-tokens` tokens (`min_new_tokens`).
-  The TRD rows add `TrajectoryRevision(RewriteReviser())` or `TrajectoryRevision(PrefixSpliceReviser())` (their
-  defaults, same loss): the same student rollout plus a revision, so more work by design.
+  The TRD rows add `TrajectoryRevision(RewriteReviser())`, `TrajectoryRevision(PrefixSpliceReviser())` (fused: the
+  student proposes each of the 32 tokens, the teacher checks it and replaces it from the first disowned one on) or
+  `PrefixSpliceReviser(fused=False)` (the 32-token rollout, then the revision), same loss: more work by design.
+  For the fused row, "generated" counts rows × decode steps (a proposal or a replacement for every row at every step).
 - TRL `DistillationTrainer`: `beta=1` (reverse KL), `max_completion_length` and `generation_kwargs.min_new_tokens`
   = `--new-tokens`, temperature 1, top-p 1, top-k 0, `gradient_checkpointing=False`, `bf16=False`,
   `max_grad_norm=0`, constant lr, `report_to="none"`, no eval, no saving, logging only past the last step.
@@ -725,7 +794,13 @@ def main(argv: list[str] | None = None) -> dict[str, Result]:
         load_after = os.getloadavg()
 
     verdict = check_same_work(results)
-    rows, notes = table(results, setup, verdict)
+    forced = {n: r for n, r in results.items() if n not in CONFIGS}
+    configs = {n: r for n, r in results.items() if n in CONFIGS}
+    rows, notes = table(forced, setup, verdict) if forced else ("", [])
+    if configs:
+        config_rows, config_notes = table(configs, setup, verdict, CONFIG_REFERENCE)
+        rows = "\n\n".join(part for part in (rows, CONFIG_INTRO + "\n\n" + config_rows) if part)
+        notes += config_notes
     command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = [
         f"Measured {datetime.datetime.now().isoformat(timespec='minutes')} on {platform.processor() or platform.machine()} "

@@ -160,3 +160,17 @@ def test_replacing_the_tokens_drops_stale_teacher_logits(tiny_paths, task):
     revised = PrefixSpliceReviser(threshold=0.2).sample_revised(module, list(task.problems("test"))[:2])
     assert revised.replace(info={}).teacher_logits is not None
     assert revised.replace(response_ids=revised.response_ids.clone()).teacher_logits is None
+
+
+def test_prefix_audit_reports_a_fused_rollout_as_revised_only(tiny_paths, task, tmp_path):
+    from trd_lightning.callbacks import PrefixAudit
+
+    module = make_module(tiny_paths, task, sampling=Sampling(temperature=1.0, max_new_tokens=8))
+    audit = PrefixAudit(every_n_steps=1, max_rollouts_logged=1)
+    trainer = cpu_trainer(
+        max_steps=1, limit_val_batches=0, default_root_dir=tmp_path,
+        callbacks=[TrajectoryRevision(PrefixSpliceReviser(threshold=0.035)), audit],
+    )  # fmt: skip
+    trainer.fit(module, PromptDataModule(task, batch_size=4))
+    assert audit.last and all(key.startswith("audit/revised/") for key in audit.last), "no raw rollout exists to audit"
+    assert "audit/revised/accuracy" in trainer.logged_metrics and "audit/accuracy" not in trainer.logged_metrics

@@ -40,3 +40,11 @@ class RolloutModel(Protocol):
     def teacher_prompt(self, problem) -> str:
         """The teacher's context ``c`` for a problem (plain for OPD, privileged for OPSD)."""
         ...
+
+
+# Optional, for the fused splice reviser (see `PrefixSpliceReviser`): a module with an attribute
+# ``fused_reviser`` (``None`` by default) whose training rollouts come from
+# ``fused_reviser.sample_revised(module, problems)`` whenever it is set. `TrajectoryRevision` sets
+# it in ``setup`` and clears it in ``teardown``; a module without it gets the two-pass reviser.
+# The rollouts it returns carry ``teacher_logits``, which the loss should use instead of a
+# teacher forward.

@@ -420,7 +420,6 @@ class PrefixSpliceReviser(Reviser):
             "length_after": lengths.float().mean().item(),
             "fallback_rate": float(fallbacks) / max(float(revised_positions.sum()), 1.0),
             "decode_steps": steps,  # every row was decoded (proposed or replaced) at each step
-            "decoded_tokens": int(lengths.sum()),
             "revision_tokens": int((lengths - t_star).clamp(min=0)[revised].sum()),
         }
         return Rollout(list(problems), block, mask, student_ctx, teacher_ctx, info, teacher_logits=torch.stack(teacher_steps, 1))

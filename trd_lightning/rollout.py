@@ -162,26 +162,30 @@ def sample_responses(
         prompt_ids = prompt_ids.repeat_interleave(num_return_sequences, 0)
         prompt_mask = prompt_mask.repeat_interleave(num_return_sequences, 0)
         num_return_sequences = 1
-    out = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-        num_return_sequences=num_return_sequences,
-        synced_gpus=synced_gpus,
-        **({"return_dict_in_generate": True, "output_logits": True} if return_logits else {}),
-        **sampling.generate_kwargs(),
-        **extra,
-    )
-    sequences = out.sequences if return_logits else out
+    # inference_mode (cheaper per op than no_grad) except under multi-process training, where
+    # sharded parameters are gathered inside generate; its outputs are cloned out of it below,
+    # because the student's training forward takes the sampled ids as input.
+    with torch.inference_mode(not synced_gpus):
+        out = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+            num_return_sequences=num_return_sequences,
+            synced_gpus=synced_gpus,
+            **({"return_dict_in_generate": True, "output_logits": True} if return_logits else {}),
+            **sampling.generate_kwargs(),
+            **extra,
+        )
+    sequences = (out.sequences if return_logits else out).clone()
     response = sequences[:, prompt_ids.shape[1]:]
     mask = response_mask_from_ids(response, tokenizer.eos_token_id)
     width = int(mask.sum(-1).max().clamp(min=1))
     response, mask = response[:, :width], mask[:, :width]
     response = response.masked_fill(~mask, tokenizer.pad_token_id)
     if return_logits:
-        return response, mask, torch.stack(out.logits, 1)[:, :width]
+        return response, mask, torch.stack(out.logits, 1)[:, :width].clone()
     return response, mask
 
 

@@ -26,7 +26,9 @@ class PrefixAudit(Callback):
     Uses only the `RolloutModel` protocol (``task``, ``tokenizer``, ``score``) and a `Rollout` under
     ``batch["rollout"]`` in ``on_train_batch_start``. Callbacks run in list order: placed after
     `TrajectoryRevision`, it finds the revised rollout with the raw one in ``info["original"]`` and
-    audits both (``audit/revised/*``); placed before, it sees the raw rollout only.
+    audits both (``audit/revised/*``); placed before, it sees the raw rollout only. With a fused
+    splice reviser the batch holds only the revised rollout (no raw one was finished): it is
+    audited under ``audit/revised/*``; use ``PrefixSpliceReviser(fused=False)`` to audit raw ones.
 
     Logged: ``teacher_entropy``, ``student_entropy``, ``correction_mass`` (teacher mass on the
     correction onsets), ``continue_mass``, ``bimodality``, ``forward_kl``, ``reverse_kl``,
@@ -92,6 +94,10 @@ class PrefixAudit(Callback):
                 "or attach a trd_lightning.rollout.Rollout to the batch before on_train_batch_start"
             )
         self._last_step = trainer.global_step
+        if rollout.info.get("fused"):
+            # Sampled already revised (fused splice): there is no raw rollout to audit.
+            self.last = self._audit(trainer, pl_module, rollout, "audit/revised/", "revised")
+            return
         original = rollout.info.get("original")
         stats = self._audit(trainer, pl_module, original if original is not None else rollout, "audit/", "raw")
         if original is not None:

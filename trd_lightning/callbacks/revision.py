@@ -11,6 +11,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from trd_lightning.revision import Reviser
 
 
+# Bookkeeping in `Rollout.info` that is not a revision statistic (each logged key costs Lightning
+# about half a millisecond per step).
+_NOT_LOGGED = {"seconds", "decode_steps"}
+
+
 class TrajectoryRevision(Callback):
     """Replaces ``batch["rollout"]`` (``y_o``) by the reviser's ``y_r`` in ``on_train_batch_start``.
 
@@ -73,7 +78,11 @@ class TrajectoryRevision(Callback):
             revised.info["original"] = rollout
             batch["rollout"] = revised
         self._step_start = time.perf_counter()
-        stats = {f"revision/{k}": float(v) for k, v in revised.info.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seconds"}
+        stats = {
+            f"revision/{k}": float(v)
+            for k, v in revised.info.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _NOT_LOGGED
+        }
         if self._revise_seconds is not None:
             stats["revision/seconds"] = self._revise_seconds
         self._pending = stats
