@@ -202,9 +202,26 @@ def pace_callback(pacer, revising: bool):
     return Pace()
 
 
+def bench_trainer(setup: Setup, callbacks: list):
+    """A CPU Trainer that only trains: no logger, checkpoints, progress bar, summary or validation."""
+    from lightning.pytorch import Trainer
+
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=setup.total,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+
+
 def run_config(setup: Setup, pacer, name: str):
     """A shipped arithmetic config as `trd fit` would build it (no logger, no validation, no checkpoints)."""
-    from lightning.pytorch import Trainer
 
     from trd_lightning.callbacks import TrajectoryRevision
     from trd_lightning.cli import build_cli
@@ -215,18 +232,7 @@ def run_config(setup: Setup, pacer, name: str):
     revision = [cb for cb in cli.trainer.callbacks if isinstance(cb, TrajectoryRevision)]
     if two_pass:
         revision[0].reviser.fused = False
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=setup.total,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=revision + [pace_callback(pacer, bool(revision))],
-    )
+    trainer = bench_trainer(setup, revision + [pace_callback(pacer, bool(revision))])
     return lambda: trainer.fit(cli.model, datamodule=cli.datamodule)
 
 
@@ -234,7 +240,6 @@ def run_ours(setup: Setup, pacer, reviser: str | None):
     import functools
 
     import torch
-    from lightning.pytorch import Trainer
 
     from trd_lightning.data import PromptDataModule
     from trd_lightning.module import DistillationModule
@@ -259,18 +264,7 @@ def run_ours(setup: Setup, pacer, reviser: str | None):
         revise = RewriteReviser() if reviser == "rewrite" else PrefixSpliceReviser(fused=reviser == "splice")
         callbacks.append(TrajectoryRevision(revise))
     callbacks.append(pace_callback(pacer, reviser is not None))  # last: after TrajectoryRevision's logging
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=setup.total,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=callbacks,
-    )
+    trainer = bench_trainer(setup, callbacks)
     return lambda: trainer.fit(module, data)
 
 
