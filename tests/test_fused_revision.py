@@ -74,6 +74,23 @@ def test_reused_teacher_logits_equal_a_fresh_teacher_forward(tiny_paths, task, f
     torch.testing.assert_close(reused, recomputed, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("opsd_teacher", ["frozen", "live"])
+def test_fused_splice_in_opsd_scores_under_the_privileged_context(tiny_paths, task, opsd_teacher):
+    # OPSD: the teacher role reads the reference solution, so its prompt (and prompt width)
+    # differs from the student's; the decode must keep the two contexts apart.
+    torch.manual_seed(0)
+    module = DistillationModule(
+        student=tiny_paths["student"], teacher=None, mode="opsd", opsd_teacher=opsd_teacher, task=task,
+        sampling=Sampling(temperature=1.0, max_new_tokens=10),
+    )  # fmt: skip
+    problems = list(task.problems("test"))[:6]
+    revised = PrefixSpliceReviser(threshold=0.035).sample_revised(module, problems)
+    assert revised.teacher.prompt_width > revised.student.prompt_width
+    assert torch.equal(revised.teacher.input_ids[:, revised.teacher.prompt_width:], revised.response_ids)
+    fresh = module.score(revised.teacher, role="teacher")
+    assert masked_max_diff(revised.teacher_logits, fresh, revised.response_mask) < 1e-4
+
+
 def test_fused_splice_revises_at_the_first_disowned_token_and_stays_in_support(tiny_paths, task):
     torch.manual_seed(1)
     module = make_module(tiny_paths, task, sampling=Sampling(temperature=1.0, max_new_tokens=12))
