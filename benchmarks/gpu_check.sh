@@ -17,11 +17,7 @@ if ! $PY -c 'import torch' 2>/dev/null; then
   $PY -m pip install -q torch || { echo "FAIL: torch is missing and could not be installed"; exit 2; }
 fi
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  echo "== installing carried wheels: $(ls .whl)"
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source benchmarks/gpu_wheels.sh
 
 # What tests/test_gpu.py imports (datasets / math-verify are not needed there).
 missing=$($PY - <<'PYEOF'

@@ -91,6 +91,9 @@ class Setup:
     threads: int = 1
     train_size: int = 4096
     seed: int = 0
+    accelerator: str = "cpu"  # "gpu": ours and the bare loop on CUDA (TRL rows are CPU-only here)
+    student_size: tuple[int, int] = (64, 2)  # hidden size, layers
+    teacher_size: tuple[int, int] = (128, 3)
 
     @property
     def total(self) -> int:
@@ -102,6 +105,14 @@ def peak_rss_mb() -> float:
 
 
 # --- pacing: one step at a time, timed from "go" to the end of the step ------------------------
+
+
+def _wait_for_gpu() -> None:
+    """A step ends when its kernels have run, not when they are queued."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 class Pacer:
@@ -118,6 +129,7 @@ class Pacer:
         self.t0 = time.perf_counter()
 
     def step_done(self, work: dict) -> None:
+        _wait_for_gpu()
         seconds = time.perf_counter() - self.t0
         self.count += 1
         self.conn.send(("step", seconds, work))
@@ -135,6 +147,7 @@ class SoloPacer:
         self.t0 = time.perf_counter()
 
     def step_done(self, work: dict) -> None:
+        _wait_for_gpu()
         self.times.append(time.perf_counter() - self.t0)
         self.works.append(work)
         self.count += 1
@@ -207,7 +220,7 @@ def bench_trainer(setup: Setup, callbacks: list):
     from lightning.pytorch import Trainer
 
     return Trainer(
-        accelerator="cpu",
+        accelerator=setup.accelerator,
         devices=1,
         max_steps=setup.total,
         logger=False,
@@ -277,7 +290,8 @@ def run_bare(setup: Setup, pacer):
     from trd_lightning.tasks.arithmetic_tokenizer import build_arithmetic_tokenizer
 
     tok = build_arithmetic_tokenizer()
-    student, teacher = load_models(setup)
+    device = "cuda" if setup.accelerator == "gpu" else "cpu"
+    student, teacher = (m.to(device) for m in load_models(setup))
     optimizer = torch.optim.AdamW(student.parameters(), lr=setup.lr, weight_decay=0.0)
     prompts = train_prompts(setup)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(setup.seed)).tolist()
@@ -286,7 +300,7 @@ def run_bare(setup: Setup, pacer):
     def run():
         for step in range(setup.total):
             idx = [order[(step * setup.batch_size + i) % len(order)] for i in range(setup.batch_size)]
-            enc = tok([prompts[i] for i in idx], padding=True, add_special_tokens=False, return_tensors="pt")
+            enc = tok([prompts[i] for i in idx], padding=True, add_special_tokens=False, return_tensors="pt").to(device)
             with torch.no_grad():
                 out = student.generate(
                     **enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=n, min_new_tokens=n,
@@ -487,15 +501,15 @@ def worker(name: str, setup: Setup, conn) -> None:
 # --- the run ----------------------------------------------------------------------------------
 
 
-def build_models(root: Path, seed: int) -> tuple[str, str]:
-    """Random tiny student (hidden 64 x 2 layers) and teacher (128 x 3), saved like checkpoints."""
+def build_models(root: Path, seed: int, student_size=(64, 2), teacher_size=(128, 3)) -> tuple[str, str]:
+    """Random student and teacher ((hidden, layers) each; default 64 x 2 and 128 x 3), saved like checkpoints."""
     from trd_lightning.models import build_tiny_causal_lm
     from trd_lightning.tasks.arithmetic_tokenizer import build_arithmetic_tokenizer
 
     tok = build_arithmetic_tokenizer()
     paths = []
-    for name, hidden, layers, s in (("student", 64, 2, seed), ("teacher", 128, 3, seed + 1)):
-        model = build_tiny_causal_lm(tok, hidden_size=hidden, num_layers=layers, num_heads=4, seed=s)
+    for name, (hidden, layers), s in (("student", student_size, seed), ("teacher", teacher_size, seed + 1)):
+        model = build_tiny_causal_lm(tok, hidden_size=hidden, num_layers=layers, num_heads=max(4, hidden // 64), seed=s)
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
         paths.append(str(root / name))
@@ -763,6 +777,9 @@ def main(argv: list[str] | None = None) -> dict[str, Result]:
         "--threads", type=int, default=1,
         help="torch threads per contender (1: on a shared machine, 2 OpenMP threads on 2 busy cores stall each other)",
     )
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="gpu: ours and the bare loop on CUDA")
+    parser.add_argument("--student-size", type=int, nargs=2, default=[64, 2], metavar=("HIDDEN", "LAYERS"))
+    parser.add_argument("--teacher-size", type=int, nargs=2, default=[128, 3], metavar=("HIDDEN", "LAYERS"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/throughput.md"), help="markdown output ('' for none)")
     parser.add_argument("--profile", choices=list(RUNNERS), help="profile one contender alone instead")
     parser.add_argument("--profiler", choices=["cprofile", "torch"], default="cprofile")
@@ -770,13 +787,23 @@ def main(argv: list[str] | None = None) -> dict[str, Result]:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.accelerator == "gpu":
+        cpu_only = [n for n in args.contenders if n.startswith("trl")]
+        if cpu_only:
+            parser.error(f"{cpu_only} run on the CPU only; leave them out with --accelerator gpu")
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--accelerator gpu needs CUDA, and torch.cuda.is_available() is False here")
 
     with tempfile.TemporaryDirectory(prefix="trd_throughput_") as tmp:
-        student, teacher = build_models(Path(tmp), seed=0)
+        student_size, teacher_size = tuple(args.student_size), tuple(args.teacher_size)
+        student, teacher = build_models(Path(tmp), seed=0, student_size=student_size, teacher_size=teacher_size)
         setup = Setup(
             student, teacher, batch_size=args.batch_size, new_tokens=args.new_tokens, steps=args.steps,
             warmup=args.warmup, threads=args.threads,
             train_size=max(4096, args.batch_size * (args.steps + args.warmup)),
+            accelerator=args.accelerator, student_size=student_size, teacher_size=teacher_size,
         )
         if args.profile:
             profile(args.profile, setup, args.profiler, args.top)
@@ -801,7 +828,8 @@ def main(argv: list[str] | None = None) -> dict[str, Result]:
         f"({os.cpu_count()} CPU cores, {args.threads} torch thread(s) per contender, see --threads), {versions()}.",
         f"Load average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, after: "
         f"{load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} (the machine is shared; the run took {wall:.0f} s).",
-        f"Student hidden 64 × 2 layers, teacher 128 × 3 (random, from config), batch {args.batch_size}, exactly "
+        f"Student hidden {student_size[0]} × {student_size[1]} layers, teacher {teacher_size[0]} × {teacher_size[1]} "
+        f"(random, from config), on {'the GPU' if args.accelerator == 'gpu' else 'the CPU'}, batch {args.batch_size}, exactly "
         f"{args.new_tokens} new tokens per rollout, reverse KL, AdamW; {args.warmup} warm-up steps dropped, "
         f"median of {args.steps} interleaved steps per contender.",
     ]

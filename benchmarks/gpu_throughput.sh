@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# TRD's cost on a GPU, at sizes where the model does the work (random Llamas, fp32, batch 32,
+# 32 forced tokens), from the repository root:   bash benchmarks/gpu_throughput.sh [OUT_DIR]
+# Writes OUT_DIR/throughput_gpu_<student>_<teacher>.md (default OUT_DIR: benchmarks/results).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source benchmarks/gpu_wheels.sh
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT=${1:-benchmarks/results}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+status=0
+# (student hidden, layers) (teacher hidden, layers): ~0.1B vs ~0.8B, then ~13M vs ~0.1B parameters.
+for sizes in "1024 8 2048 16" "512 4 1024 8"; do
+  set -- $sizes
+  $PY benchmarks/throughput.py --accelerator gpu --threads 2 --steps 10 --warmup 2 \
+    --student-size "$1" "$2" --teacher-size "$3" "$4" \
+    --contenders ours_opd ours_trd_splice ours_trd_splice_two_pass ours_trd_rewrite bare \
+    --out "$OUT/throughput_gpu_${1}x${2}_${3}x${4}.md" || status=1
+done
+exit $status
