@@ -366,10 +366,16 @@ class PrefixSpliceReviser(Reviser):
         s_pos, t_pos = s_pos[:, -1:], t_pos[:, -1:]
         t_star = torch.full((n,), -1, dtype=torch.long, device=device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
-        teacher_steps, empties = [], []
+        # The teacher logits the loss will use, written step by step into one buffer made outside
+        # inference mode: no list to stack and no clone afterwards, so with a large vocabulary the
+        # peak stays at one [B, N, V] tensor (what a teacher forward over the rollout would hold).
+        with torch.inference_mode(False):
+            teacher_logits = torch.empty((n, budget, t_logits.shape[-1]), dtype=t_logits.dtype, device=device)
+        empties, steps = [], 0
         any_revising = all_revising = False  # host-side, refreshed by one sync per step
         for i in range(budget):
-            teacher_steps.append(t_logits)
+            teacher_logits[:, i] = t_logits
+            steps = i + 1
             t_logp = t_logits.float().log_softmax(-1)
             if all_revising:
                 nxt, empty = self.replacement(t_logits, s_logits, t_logp)  # no proposal can be kept
@@ -395,7 +401,6 @@ class PrefixSpliceReviser(Reviser):
             step_ids = nxt.unsqueeze(-1)
             s_logits, s_cache = model_step(student, step_ids, s_mask[:, : s_width + i + 1], s_pos, s_cache)
             t_logits, t_cache = model_step(teacher, step_ids, t_mask[:, : t_width + i + 1], t_pos, t_cache)
-        steps = len(teacher_steps)
         block = ids[:, s_width : s_width + steps]
         mask = response_mask_from_ids(block, tok.eos_token_id)
         block = block.masked_fill(~mask, tok.pad_token_id)
@@ -422,7 +427,7 @@ class PrefixSpliceReviser(Reviser):
             "decode_steps": steps,  # every row was decoded (proposed or replaced) at each step
             "revision_tokens": int((lengths - t_star).clamp(min=0)[revised].sum()),
         }
-        return Rollout(list(problems), block, mask, student_ctx, teacher_ctx, info, teacher_logits=torch.stack(teacher_steps, 1))
+        return Rollout(list(problems), block, mask, student_ctx, teacher_ctx, info, teacher_logits=teacher_logits[:, :steps])
 
     # --- two-pass: revise a finished rollout ----------------------------------------------------
     def revise(self, module, rollout: Rollout) -> Rollout:
@@ -521,16 +526,17 @@ def _prefix_context(ctx: Context, idx: torch.Tensor, keep: list[torch.Tensor], p
 
 
 def _clone_out_of_inference(rollout: Rollout) -> Rollout:
-    """The rollout's tensors as normal tensors (clones made outside inference mode)."""
-    ctx = lambda c: Context(c.input_ids.clone(), c.attention_mask.clone(), c.prompt_width)  # noqa: E731
+    """The rollout's tensors as normal tensors (clones, made outside inference mode, of those that are not)."""
+    normal = lambda t: t.clone() if t.is_inference() else t  # noqa: E731
+    ctx = lambda c: Context(normal(c.input_ids), normal(c.attention_mask), c.prompt_width)  # noqa: E731
     student = ctx(rollout.student)
     teacher = student if rollout.teacher is rollout.student else ctx(rollout.teacher)
     return rollout.replace(
-        response_ids=rollout.response_ids.clone(),
-        response_mask=rollout.response_mask.clone(),
+        response_ids=normal(rollout.response_ids),
+        response_mask=normal(rollout.response_mask),
         student=student,
         teacher=teacher,
-        teacher_logits=rollout.teacher_logits.clone(),
+        teacher_logits=normal(rollout.teacher_logits),
     )
 
 
