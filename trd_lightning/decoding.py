@@ -37,11 +37,6 @@ def model_step(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Te
     return out.logits[:, -1], getattr(out, CACHE_KW)
 
 
-def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count real tokens only (left padding never shifts a position)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 class Proposer:
     """Draws a next token from raw logits as ``generate(**generate_kwargs)`` would.
 

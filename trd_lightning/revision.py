@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from trd_lightning.decoding import Proposer, model_step, prompt_positions
+from trd_lightning.decoding import Proposer, model_step
 from trd_lightning.models import check_compatible, load_causal_lm, load_tokenizer
 from trd_lightning.rollout import (
     Context,
@@ -32,6 +32,7 @@ from trd_lightning.rollout import (
     decode_responses,
     encode_prompts,
     left_pad,
+    positions_from_mask,
     response_mask_from_ids,
     sample_responses,
 )
@@ -335,19 +336,8 @@ class PrefixSpliceReviser(Reviser):
     def sample_revised(self, module, problems: list) -> Rollout:
         """Sample ``y_r`` directly from the current student, revising each row at its ``t*``."""
         start = time.perf_counter()
-        # inference_mode skips autograd's bookkeeping on every small op of the decode (~8 % of its
-        # time here); its outputs are cloned out of it, because the student's training forward
-        # takes the ids as input and the loss saves the teacher logits for backward.
-        with torch.inference_mode():
-            rollout = self._sample_revised(module, problems)
-        rollout = _clone_out_of_inference(rollout)
-        rollout.info["seconds"] = time.perf_counter() - start
-        return rollout
-
-    def _sample_revised(self, module, problems: list) -> Rollout:
         task, tok, device = module.task, module.tokenizer, module.device
         limit = getattr(module, "max_prompt_length", None)
-        teacher, student = module.model_for("teacher"), module.model_for("student")
         sampling = getattr(module, "sampling", None) or Sampling()
         student_prompts = [task.student_prompt(p) for p in problems]
         teacher_prompts = [module.teacher_prompt(p) for p in problems]
@@ -355,65 +345,17 @@ class PrefixSpliceReviser(Reviser):
         same_prompt = teacher_prompts == student_prompts
         t_ids, t_mask = (s_ids, s_mask) if same_prompt else encode_prompts(tok, teacher_prompts, device, limit)
         propose = Proposer(sampling.generate_kwargs(), s_ids.shape[1], tok.eos_token_id, device)
-        n, budget, s_width, t_width = len(problems), self._budget(module), s_ids.shape[1], t_ids.shape[1]
-        # Preallocated for the whole decode: each step takes views instead of growing tensors.
-        s_mask = torch.cat([s_mask, s_mask.new_ones(n, budget)], 1)
-        t_mask = s_mask if same_prompt else torch.cat([t_mask, t_mask.new_ones(n, budget)], 1)
-        ids = torch.cat([s_ids, s_ids.new_full((n, budget), tok.pad_token_id)], 1)
-        s_pos, t_pos = prompt_positions(s_mask[:, :s_width]), prompt_positions(t_mask[:, :t_width])
-        s_logits, s_cache = model_step(student, s_ids, s_mask[:, :s_width], s_pos, None)
-        t_logits, t_cache = model_step(teacher, t_ids, t_mask[:, :t_width], t_pos, None)
-        s_pos, t_pos = s_pos[:, -1:], t_pos[:, -1:]
-        t_star = torch.full((n,), -1, dtype=torch.long, device=device)
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        # The teacher logits the loss will use, written step by step into one buffer made outside
-        # inference mode: no list to stack and no clone afterwards, so with a large vocabulary the
-        # peak stays at one [B, N, V] tensor (what a teacher forward over the rollout would hold).
-        with torch.inference_mode(False):
-            teacher_logits = torch.empty((n, budget, t_logits.shape[-1]), dtype=t_logits.dtype, device=device)
-        empties, steps = [], 0
-        any_revising = all_revising = False  # host-side, refreshed by one sync per step
-        for i in range(budget):
-            teacher_logits[:, i] = t_logits
-            steps = i + 1
-            t_logp = t_logits.float().log_softmax(-1)
-            if all_revising:
-                nxt, empty = self.replacement(t_logits, s_logits, t_logp)  # no proposal can be kept
-            else:
-                nxt = propose(ids[:, : s_width + i], s_logits)
-                newly = self.disowned(t_logp, nxt) & (t_star < 0) & ~done
-                t_star.masked_fill_(newly, i)
-                # Until the first row revises, ask (one sync) before drawing replacements for nobody.
-                if any_revising or bool(newly.any()):
-                    any_revising = True
-                    replaced, empty = self.replacement(t_logits, s_logits, t_logp)
-                    nxt = torch.where(t_star >= 0, replaced, nxt)
-                else:
-                    empty = torch.zeros_like(done)
-            nxt = nxt.masked_fill(done, tok.pad_token_id)
-            ids[:, s_width + i] = nxt
-            empties.append(empty)
-            done |= nxt == tok.eos_token_id
-            finished, all_revising = torch.stack([done.all(), (done | (t_star >= 0)).all()]).tolist()
-            if i == budget - 1 or finished:
-                break  # the last token needs no forward pass after it
-            s_pos, t_pos = s_pos + 1, t_pos + 1
-            step_ids = nxt.unsqueeze(-1)
-            s_logits, s_cache = model_step(student, step_ids, s_mask[:, : s_width + i + 1], s_pos, s_cache)
-            t_logits, t_cache = model_step(teacher, step_ids, t_mask[:, : t_width + i + 1], t_pos, t_cache)
-        block = ids[:, s_width : s_width + steps]
-        mask = response_mask_from_ids(block, tok.eos_token_id)
-        block = block.masked_fill(~mask, tok.pad_token_id)
-        student_ctx = Context(torch.cat([s_ids, block], 1), torch.cat([s_mask[:, :s_width], mask.long()], 1), s_width)
+        remaining = torch.full((len(problems),), self._budget(module), device=device)
+        block, mask, teacher_logits, t_star, empty = self._decode(module, s_ids, s_mask, t_ids, t_mask, remaining, propose)
+        student_ctx = Context(torch.cat([s_ids, block], 1), torch.cat([s_mask, mask.long()], 1), s_ids.shape[1])
         if same_prompt:
             teacher_ctx = student_ctx
         else:
-            teacher_ctx = Context(torch.cat([t_ids, block], 1), torch.cat([t_mask[:, :t_width], mask.long()], 1), t_width)
+            teacher_ctx = Context(torch.cat([t_ids, block], 1), torch.cat([t_mask, mask.long()], 1), t_ids.shape[1])
         lengths = mask.sum(-1)
         revised = t_star >= 0
         # Positions drawn from the restricted distribution: t* and after, up to each row's end.
         revised_positions = (torch.arange(block.shape[1], device=device) >= t_star.unsqueeze(1)) & revised.unsqueeze(1) & mask
-        fallbacks = (torch.stack(empties, 1) & revised_positions).sum()
         texts = decode_responses(tok, block, mask)
         correct = torch.tensor([task.verify(p, t) for p, t in zip(problems, texts)], dtype=torch.float)
         info = {
@@ -423,11 +365,80 @@ class PrefixSpliceReviser(Reviser):
             "t_star_rows": t_star.cpu(),
             "accuracy_after": correct.mean().item(),
             "length_after": lengths.float().mean().item(),
-            "fallback_rate": float(fallbacks) / max(float(revised_positions.sum()), 1.0),
-            "decode_steps": steps,  # every row was decoded (proposed or replaced) at each step
+            "fallback_rate": _fallback_rate(empty, revised_positions),
+            "decode_steps": block.shape[1],  # every row was decoded (proposed or replaced) at each step
             "revision_tokens": int((lengths - t_star).clamp(min=0)[revised].sum()),
+            "seconds": time.perf_counter() - start,
         }
-        return Rollout(list(problems), block, mask, student_ctx, teacher_ctx, info, teacher_logits=teacher_logits[:, :steps])
+        return Rollout(list(problems), block, mask, student_ctx, teacher_ctx, info, teacher_logits=teacher_logits)
+
+    def _decode(self, module, s_ids, s_mask, t_ids, t_mask, remaining: torch.Tensor, propose: Proposer | None):
+        """Decode both models from left-padded prompts, a token per row and step, batched.
+
+        With ``propose``, the student proposes each token and the first one the teacher disowns
+        starts the row's revision (fused form); without, every row revises from its first token
+        (the two-pass continuation). ``remaining``: each row's token budget. Returns the block
+        (pad after each row's end), its mask, the teacher logits before each token, ``t*`` per
+        row (``-1``: never revised) and where the restricted set was empty; all normal tensors.
+        """
+        tok = module.tokenizer
+        teacher, student = module.model_for("teacher"), module.model_for("student")
+        n, budget, s_width, t_width = len(remaining), int(remaining.max()), s_ids.shape[1], t_ids.shape[1]
+        # inference_mode skips autograd's bookkeeping on every small op of the decode (~8 % of its
+        # time here); the small outputs are cloned out of it below (the student's training forward
+        # takes the ids as input).
+        with torch.inference_mode():
+            # Preallocated for the whole decode: each step takes views instead of growing tensors.
+            s_mask = torch.cat([s_mask, s_mask.new_ones(n, budget)], 1)
+            t_mask = torch.cat([t_mask, t_mask.new_ones(n, budget)], 1)
+            ids = torch.cat([s_ids, s_ids.new_full((n, budget), tok.pad_token_id)], 1)
+            s_pos, t_pos = positions_from_mask(s_mask[:, :s_width]), positions_from_mask(t_mask[:, :t_width])
+            s_logits, s_cache = model_step(student, s_ids, s_mask[:, :s_width], s_pos, None)
+            t_logits, t_cache = model_step(teacher, t_ids, t_mask[:, :t_width], t_pos, None)
+            s_pos, t_pos = s_pos[:, -1:], t_pos[:, -1:]
+            # The teacher logits the loss will use, written step by step into one buffer made
+            # outside inference mode: no list to stack and no clone afterwards, so with a large
+            # vocabulary the peak stays at one [B, N, V] tensor (what a teacher forward holds).
+            with torch.inference_mode(False):
+                teacher_logits = torch.empty((n, budget, t_logits.shape[-1]), dtype=t_logits.dtype, device=s_ids.device)
+            t_star = torch.full((n,), -1 if propose is not None else 0, dtype=torch.long, device=s_ids.device)
+            done = torch.zeros(n, dtype=torch.bool, device=s_ids.device)
+            empties, steps = [], 0
+            # Host-side, refreshed by one sync per step.
+            any_revising = all_revising = propose is None
+            for i in range(budget):
+                teacher_logits[:, i] = t_logits
+                steps = i + 1
+                t_logp = t_logits.float().log_softmax(-1)
+                if all_revising:
+                    nxt, empty = self.replacement(t_logits, s_logits, t_logp)  # no proposal can be kept
+                else:
+                    nxt = propose(ids[:, : s_width + i], s_logits)
+                    newly = self.disowned(t_logp, nxt) & (t_star < 0) & ~done
+                    t_star.masked_fill_(newly, i)
+                    # Until the first row revises, ask (one sync) before drawing replacements for nobody.
+                    if any_revising or bool(newly.any()):
+                        any_revising = True
+                        replaced, empty = self.replacement(t_logits, s_logits, t_logp)
+                        nxt = torch.where(t_star >= 0, replaced, nxt)
+                    else:
+                        empty = torch.zeros_like(done)
+                nxt = nxt.masked_fill(done, tok.pad_token_id)
+                ids[:, s_width + i] = nxt
+                empties.append(empty)
+                done |= (nxt == tok.eos_token_id) | (remaining <= i + 1)
+                finished, all_revising = torch.stack([done.all(), (done | (t_star >= 0)).all()]).tolist()
+                if i == budget - 1 or finished:
+                    break  # the last token needs no forward pass after it
+                s_pos, t_pos = s_pos + 1, t_pos + 1
+                step_ids = nxt.unsqueeze(-1)
+                s_logits, s_cache = model_step(student, step_ids, s_mask[:, : s_width + i + 1], s_pos, s_cache)
+                t_logits, t_cache = model_step(teacher, step_ids, t_mask[:, : t_width + i + 1], t_pos, t_cache)
+        block = ids[:, s_width : s_width + steps]
+        within = torch.arange(steps, device=block.device) < remaining.unsqueeze(1)
+        mask = response_mask_from_ids(block, tok.eos_token_id) & within
+        # Out-of-place ops outside inference mode give normal tensors.
+        return block.masked_fill(~mask, tok.pad_token_id), mask, teacher_logits[:, :steps], t_star.clone(), torch.stack(empties, 1)
 
     # --- two-pass: revise a finished rollout ----------------------------------------------------
     def revise(self, module, rollout: Rollout) -> Rollout:
@@ -463,47 +474,20 @@ class PrefixSpliceReviser(Reviser):
         revised = assemble_rollout(module, rollout.problems, new, [module.teacher_prompt(p) for p in rollout.problems], info)
         return revised.replace(teacher_logits=right_pad_rows(logit_rows, revised.response_ids.shape[1]))
 
-    @torch.no_grad()
     def _continue(self, module, rollout: Rollout, idx: torch.Tensor, keep: list[torch.Tensor], remaining: torch.Tensor):
-        """Decode the continuations of the selected rows with both models' KV caches, batched.
+        """Decode the continuations of the selected rows (both models, batched), from their kept prefixes.
 
         ``remaining``: each row's token budget. Returns the continuations (EOS included where one
         was drawn within budget), the teacher's logits before each of their tokens
         ([rows, steps, V]) and the fallback rate.
         """
-        tok = module.tokenizer
-        teacher, student = module.model_for("teacher"), module.model_for("student")
-        budget = int(remaining.max())
-        t_ctx = _prefix_context(rollout.teacher, idx, keep, tok.pad_token_id)
-        s_ctx = _prefix_context(rollout.student, idx, keep, tok.pad_token_id)
-        t_logits, t_cache = model_step(teacher, t_ctx.input_ids, t_ctx.attention_mask, t_ctx.position_ids, None)
-        s_logits, s_cache = model_step(student, s_ctx.input_ids, s_ctx.attention_mask, s_ctx.position_ids, None)
-        t_mask, s_mask = t_ctx.attention_mask, s_ctx.attention_mask
-        t_pos, s_pos = t_ctx.position_ids[:, -1:], s_ctx.position_ids[:, -1:]
-        done = torch.zeros(len(idx), dtype=torch.bool, device=idx.device)
-        # Counted on the device and read once at the end: no host sync per token for statistics.
-        out, teacher_steps = [], []
-        fallbacks, steps = torch.zeros((), device=idx.device), torch.zeros((), device=idx.device)
-        for i in range(budget):
-            teacher_steps.append(t_logits)
-            nxt, empty = self.replacement(t_logits, s_logits)
-            nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
-            fallbacks += (empty & ~done).sum()
-            steps += (~done).sum()
-            out.append(nxt)
-            done |= (nxt == tok.eos_token_id) | (remaining <= i + 1)
-            if i == budget - 1 or bool(done.all()):
-                break  # the last token needs no forward pass after it
-            t_mask = torch.cat([t_mask, torch.ones_like(t_mask[:, :1])], 1)
-            s_mask = torch.cat([s_mask, torch.ones_like(s_mask[:, :1])], 1)
-            t_pos, s_pos = t_pos + 1, s_pos + 1
-            t_logits, t_cache = model_step(teacher, nxt.unsqueeze(-1), t_mask, t_pos, t_cache)
-            s_logits, s_cache = model_step(student, nxt.unsqueeze(-1), s_mask, s_pos, s_cache)
-        block = torch.stack(out, 1)
-        within = torch.arange(block.shape[1], device=block.device) < remaining.unsqueeze(1)
-        mask = response_mask_from_ids(block, tok.eos_token_id) & within
-        continuations = [r[m] for r, m in zip(block, mask)]
-        return continuations, torch.stack(teacher_steps, 1), float(fallbacks) / max(float(steps), 1.0)
+        pad = module.tokenizer.pad_token_id
+        t_ctx = _prefix_context(rollout.teacher, idx, keep, pad)
+        s_ctx = _prefix_context(rollout.student, idx, keep, pad)
+        block, mask, teacher_logits, _, empty = self._decode(
+            module, s_ctx.input_ids, s_ctx.attention_mask, t_ctx.input_ids, t_ctx.attention_mask, remaining, None
+        )
+        return [r[m] for r, m in zip(block, mask)], teacher_logits, _fallback_rate(empty, mask)
 
 
 def top_p_mask(logp: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -525,19 +509,9 @@ def _prefix_context(ctx: Context, idx: torch.Tensor, keep: list[torch.Tensor], p
     return Context(ids, mask, ids.shape[1])
 
 
-def _clone_out_of_inference(rollout: Rollout) -> Rollout:
-    """The rollout's tensors as normal tensors (clones, made outside inference mode, of those that are not)."""
-    normal = lambda t: t.clone() if t.is_inference() else t  # noqa: E731
-    ctx = lambda c: Context(normal(c.input_ids), normal(c.attention_mask), c.prompt_width)  # noqa: E731
-    student = ctx(rollout.student)
-    teacher = student if rollout.teacher is rollout.student else ctx(rollout.teacher)
-    return rollout.replace(
-        response_ids=normal(rollout.response_ids),
-        response_mask=normal(rollout.response_mask),
-        student=student,
-        teacher=teacher,
-        teacher_logits=normal(rollout.teacher_logits),
-    )
+def _fallback_rate(empty: torch.Tensor, revised_positions: torch.Tensor) -> float:
+    """Share of the restricted draws whose support was empty (drawn by the fallback instead)."""
+    return float((empty & revised_positions).sum()) / max(float(revised_positions.sum()), 1.0)
 
 
 def right_pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:

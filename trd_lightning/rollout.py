@@ -57,8 +57,12 @@ class Context:
 
     @property
     def position_ids(self) -> torch.Tensor:
-        # Positions count real tokens only, so left padding never shifts a token's position.
-        return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return positions_from_mask(self.attention_mask)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only, so left padding never shifts a token's position."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
