@@ -167,8 +167,9 @@ def sample_responses(
         prompt_mask = prompt_mask.repeat_interleave(num_return_sequences, 0)
         num_return_sequences = 1
     # inference_mode (cheaper per op than no_grad) except under multi-process training, where
-    # sharded parameters are gathered inside generate; its outputs are cloned out of it below,
-    # because the student's training forward takes the sampled ids as input.
+    # sharded parameters are gathered inside generate. The student's training forward takes the
+    # sampled ids as input, so what is returned must be normal tensors: the out-of-place ops below
+    # run outside inference mode and make them (no clone needed).
     with torch.inference_mode(not synced_gpus):
         out = model.generate(
             input_ids=prompt_ids,
@@ -182,14 +183,14 @@ def sample_responses(
             **sampling.generate_kwargs(),
             **extra,
         )
-    sequences = (out.sequences if return_logits else out).clone()
+    sequences = out.sequences if return_logits else out
     response = sequences[:, prompt_ids.shape[1]:]
     mask = response_mask_from_ids(response, tokenizer.eos_token_id)
     width = int(mask.sum(-1).max().clamp(min=1))
     response, mask = response[:, :width], mask[:, :width]
     response = response.masked_fill(~mask, tokenizer.pad_token_id)
     if return_logits:
-        return response, mask, torch.stack(out.logits, 1)[:, :width].clone()
+        return response, mask, torch.stack(out.logits, 1)[:, :width]
     return response, mask
 
 
