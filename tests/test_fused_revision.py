@@ -155,21 +155,22 @@ def test_proposer_follows_generate_sampling_rules():
     torch.manual_seed(0)
     logits = torch.randn(3, 24)
     eos = 2
-    ids = torch.zeros(3, 7, dtype=torch.long)  # a 5-token prompt and 2 tokens drawn so far
-    proposer = Proposer({"do_sample": True, "temperature": 0.7, "top_k": 6, "top_p": 0.8, "min_new_tokens": 4}, 5, eos, "cpu")
-    probs = proposer.processors(ids, logits).softmax(-1)
-    # Brute force: EOS banned (2 < 4 new tokens), p ~ exp(l / T), keep the top 6, then the
-    # smallest set reaching 0.8 of what is left.
+    generated = torch.tensor([2, 3, 4])  # rows advance at their own rate; min_new_tokens=4 is per row
+    proposer = Proposer({"do_sample": True, "temperature": 0.7, "top_k": 6, "top_p": 0.8, "min_new_tokens": 4}, eos)
+    probs = proposer.scores(logits, generated).softmax(-1)
+    # Brute force: EOS banned while a row has drawn fewer than 4 tokens, p ~ exp(l / T), keep the
+    # top 6, then the smallest set reaching 0.8 of what is left.
     expected = torch.zeros_like(probs)
     for r in range(3):
         scaled = logits[r].clone() / 0.7
-        scaled[eos] = float("-inf")
+        if generated[r] < 4:
+            scaled[eos] = float("-inf")
         top = scaled.topk(6)
         p = top.values.softmax(-1)
         keep = (p.cumsum(-1) - p) < 0.8
         expected[r, top.indices[keep]] = p[keep] / p[keep].sum()
     torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
-    assert (Proposer({"do_sample": False}, 5, eos, "cpu")(ids, logits) == logits.argmax(-1)).all()
+    assert (Proposer({"do_sample": False}, eos)(logits, generated) == logits.argmax(-1)).all()
 
 
 def test_replacing_the_tokens_drops_stale_teacher_logits(tiny_paths, task):
@@ -191,3 +192,70 @@ def test_prefix_audit_reports_a_fused_rollout_as_revised_only(tiny_paths, task, 
     trainer.fit(module, PromptDataModule(task, batch_size=4))
     assert audit.last and all(key.startswith("audit/revised/") for key in audit.last), "no raw rollout exists to audit"
     assert "audit/revised/accuracy" in trainer.logged_metrics and "audit/accuracy" not in trainer.logged_metrics
+
+
+def restricted_target(reviser, teacher_logits, student_logits):
+    """Brute force of the splice's target: teacher at the reviser's temperature, restricted to the
+    student's top-p set and renormalised (the tests pick settings where that set is never empty)."""
+    student_p = student_logits.float().softmax(-1)
+    order = student_p.argsort(-1, descending=True)
+    ranked = student_p.gather(-1, order)
+    support = torch.zeros_like(student_p).scatter(-1, order, ((ranked.cumsum(-1) - ranked) < reviser.student_top_p).float())
+    w = (teacher_logits.float() / reviser.temperature).softmax(-1) * support
+    return w / w.sum(-1, keepdim=True), student_p * support / (student_p * support).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("lookahead", [1, 4])
+def test_speculative_decode_draws_exactly_from_the_restricted_teacher(tiny_paths, task, lookahead):
+    """The first two revised tokens of many copies of one prompt, against the exact distribution
+    from full forwards of both models over every first token."""
+    torch.manual_seed(0)
+    module = make_module(tiny_paths, task)
+    reviser = PrefixSpliceReviser(temperature=0.25, student_top_p=0.9, min_mass=0.0, lookahead=lookahead)
+    tok, vocab = module.tokenizer, len(module.tokenizer)
+    prompt = tok(task.student_prompt(next(iter(task.problems("test")))), return_tensors="pt").input_ids[0]
+    n = 4000
+    ids, mask = prompt.repeat(n, 1), torch.ones(n, len(prompt), dtype=torch.long)
+    block, out_mask, *_ = reviser._decode(module, ids, mask, ids, mask, torch.full((n,), 2), None)
+
+    # Exact: p0 at the prompt; p1 after every possible first token (one batched forward each).
+    with torch.no_grad():
+        first = module.model_for("teacher")(prompt[None]).logits[0, -1], module.model_for("student")(prompt[None]).logits[0, -1]
+        p0, q0 = restricted_target(reviser, *first)
+        both = torch.cat([prompt.repeat(vocab, 1), torch.arange(vocab)[:, None]], 1)
+        p1, q1 = restricted_target(
+            reviser, module.model_for("teacher")(both).logits[:, -1], module.model_for("student")(both).logits[:, -1]
+        )
+    eos = tok.eos_token_id
+
+    def second_token_law(a0, a1):  # law of the second token, with a last cell for "the row ended at EOS"
+        law = torch.cat([(a0.unsqueeze(1) * a1).sum(0), a0[eos : eos + 1]])
+        law[:vocab] -= a0[eos] * a1[eos]
+        return law
+
+    exact = second_token_law(p0, p1)
+    drafts_kept = second_token_law(q0, q1)  # what always keeping the student's draft would give
+    x0 = block[:, 0]
+    x1 = torch.where(out_mask[:, 1], block[:, 1], torch.full_like(x0, vocab))
+
+    def tv(a, b):  # total variation distance
+        return 0.5 * (a - b).abs().sum().item()
+
+    assert tv(drafts_kept, exact) > 0.2, "the setting must tell drafts from exact draws apart"
+    assert tv(torch.bincount(x0, minlength=vocab).float() / n, p0) < 0.05
+    assert tv(torch.bincount(x1, minlength=vocab + 1).float() / n, exact) < 0.06
+
+
+def test_lookahead_trades_teacher_forwards_for_drafts(tiny_paths, task):
+    torch.manual_seed(0)
+    module = make_module(tiny_paths, task, sampling=Sampling(temperature=1.0, max_new_tokens=12))
+    problems = list(task.problems("test"))[:16]
+    one = PrefixSpliceReviser(threshold=0.035, lookahead=1).sample_revised(module, problems).info
+    # One token per live row per round: the teacher runs once per decoded position, and a draft
+    # is dropped only when the teacher disowns or rejects it.
+    assert one["teacher_forwards"] == one["decode_steps"]
+    three = PrefixSpliceReviser(threshold=0.035, lookahead=3).sample_revised(module, problems).info
+    assert -(-three["decode_steps"] // 3) <= three["teacher_forwards"] < three["decode_steps"]
+    assert 0 < three["lookahead_acceptance"] <= 1
+    with pytest.raises(ValueError, match="lookahead must be an integer >= 1"):
+        PrefixSpliceReviser(lookahead=0)

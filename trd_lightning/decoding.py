@@ -15,7 +15,6 @@ import dataclasses
 import torch
 from transformers import (
     LogitsProcessorList,
-    MinNewTokensLengthLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -29,22 +28,24 @@ CACHE_KW = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOut
 _HANDLED = {"do_sample", "temperature", "top_p", "top_k", "max_new_tokens", "min_new_tokens"}
 
 
-def model_step(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
-    """One forward with the KV cache; returns the last position's logits (model dtype) and the cache."""
+def model_step(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, keep: int = 1):
+    """One forward of ``ids`` [B, n] with the KV cache; returns the logits of the last ``keep``
+    positions ([B, keep, V], model dtype) and the cache."""
     out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{CACHE_KW: cache}
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep, **{CACHE_KW: cache}
     )
-    return out.logits[:, -1], getattr(out, CACHE_KW)
+    return out.logits[:, -keep:], getattr(out, CACHE_KW)
 
 
 class Proposer:
     """Draws a next token from raw logits as ``generate(**generate_kwargs)`` would.
 
-    Same processors, in generate's order: ``min_new_tokens`` (EOS masked), then temperature,
-    top-k, top-p; greedy when ``do_sample`` is false.
+    Same rules, in generate's order: ``min_new_tokens`` (EOS masked), then temperature, top-k,
+    top-p (transformers' own warpers); greedy when ``do_sample`` is false. ``min_new_tokens`` is
+    counted per row, because rows of a speculative decode advance at different rates.
     """
 
-    def __init__(self, generate_kwargs: dict, prompt_width: int, eos_token_id, device):
+    def __init__(self, generate_kwargs: dict, eos_token_id):
         unknown = set(generate_kwargs) - _HANDLED
         if unknown:
             raise ValueError(
@@ -52,23 +53,33 @@ class Proposer:
                 f"options {sorted(unknown)}; drop them from the sampling settings, or use the two-pass reviser (fused=False)"
             )
         self.greedy = not generate_kwargs.get("do_sample", False)
-        processors = LogitsProcessorList()
-        if generate_kwargs.get("min_new_tokens"):
-            processors.append(
-                MinNewTokensLengthLogitsProcessor(prompt_width, generate_kwargs["min_new_tokens"], eos_token_id, device=device)
-            )
+        self.min_new_tokens = generate_kwargs.get("min_new_tokens") or 0
+        self.eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        self._eos_mask: torch.Tensor | None = None  # [V] bool, built on first use (V is known then)
+        warpers = LogitsProcessorList()
         if not self.greedy:
             if generate_kwargs.get("temperature", 1.0) != 1.0:
-                processors.append(TemperatureLogitsWarper(generate_kwargs["temperature"]))
+                warpers.append(TemperatureLogitsWarper(generate_kwargs["temperature"]))
             if generate_kwargs.get("top_k"):
-                processors.append(TopKLogitsWarper(generate_kwargs["top_k"]))
+                warpers.append(TopKLogitsWarper(generate_kwargs["top_k"]))
             if generate_kwargs.get("top_p", 1.0) < 1.0:
-                processors.append(TopPLogitsWarper(generate_kwargs["top_p"]))
-        self.processors = processors
+                warpers.append(TopPLogitsWarper(generate_kwargs["top_p"]))
+        self.warpers = warpers
 
-    def __call__(self, ids_so_far: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """``ids_so_far``: [B, prompt width + tokens drawn so far] (only its length is read)."""
-        scores = self.processors(ids_so_far, logits.float())
+    def scores(self, logits: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        """Processed scores [B, V]; ``generated``: tokens each row has drawn so far [B]."""
+        scores = logits.float()
+        if self.min_new_tokens and self.eos:
+            if self._eos_mask is None or self._eos_mask.shape[0] != scores.shape[-1]:
+                self._eos_mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+                self._eos_mask[self.eos] = True
+            early = (generated < self.min_new_tokens).unsqueeze(-1)
+            scores = scores.masked_fill(early & self._eos_mask, float("-inf"))
+        # The warpers read only the scores; generate would pass the ids so far.
+        return self.warpers(None, scores) if self.warpers else scores
+
+    def __call__(self, logits: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        scores = self.scores(logits, generated)
         if self.greedy:
             return scores.argmax(-1)
         return torch.multinomial(scores.softmax(-1), 1).squeeze(-1)

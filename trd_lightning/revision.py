@@ -33,7 +33,6 @@ from trd_lightning.rollout import (
     encode_prompts,
     left_pad,
     positions_from_mask,
-    response_mask_from_ids,
     sample_responses,
 )
 
@@ -231,9 +230,8 @@ class PrefixSpliceReviser(Reviser):
     Two ways to run it, with the same distribution of ``y_r``:
 
     * **fused** (``fused=True``; the default when ``refine="all"``): the revision happens while the
-      rollout is sampled. Student and teacher step together; each student token is checked by the
-      teacher as it is drawn, and the first disowned one is replaced and starts the restricted
-      continuation. A row is therefore decoded once, not sampled to the end and then partly
+      rollout is sampled. Each student token is checked by the teacher before the row goes on,
+      and the first disowned one is replaced and starts the restricted continuation. A row is therefore decoded once, not sampled to the end and then partly
       decoded again, and the teacher logits the loss needs were computed along the way (no
       separate teacher forward). ``y_o`` past ``t*`` never exists, so the statistics that compare
       it with ``y_r`` (fail->pass, accuracy and length before) are not logged. Needs a module
@@ -243,6 +241,13 @@ class PrefixSpliceReviser(Reviser):
       finished ``y_o``): ``revise`` takes a finished rollout, scores it with the teacher for
       ``t*`` and decodes the continuations of the failed rows (batched, both KV caches). The
       teacher logits of the kept prefixes and of the continuations are reused for the loss.
+
+    Both decode speculatively: the student drafts ``lookahead`` tokens, the teacher checks them in
+    one forward, and a restricted draw is made by accepting the student's draft or redrawing
+    from the residual (speculative sampling), so each token has exactly the distribution above
+    while the teacher runs once per ``lookahead`` tokens instead of once per token.
+    ``lookahead=1`` checks every token as it is drawn. The share of drafts kept is logged as
+    ``lookahead_acceptance``: when it is low, a smaller ``lookahead`` wastes fewer drafts.
     """
 
     def __init__(
@@ -257,6 +262,7 @@ class PrefixSpliceReviser(Reviser):
         min_mass: float = 1e-4,
         refine: Refine = "all",
         fused: bool | None = None,
+        lookahead: int = 3,
     ):
         if criterion not in ("teacher_prob", "teacher_top_p"):
             raise ValueError(f"unknown criterion {criterion!r}; choose 'teacher_prob' or 'teacher_top_p'")
@@ -269,6 +275,8 @@ class PrefixSpliceReviser(Reviser):
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not isinstance(lookahead, int) or lookahead < 1:
+            raise ValueError(f"lookahead must be an integer >= 1 (tokens drafted per teacher forward), got {lookahead!r}")
         if fused and refine == "failed":
             raise ValueError(
                 "fused=True revises while the rollout is sampled, before y_o is finished, so it cannot verify y_o "
@@ -279,6 +287,7 @@ class PrefixSpliceReviser(Reviser):
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
         self.fallback, self.min_mass, self.refine = fallback, min_mass, refine
         self.fused = refine == "all" if fused is None else fused
+        self.lookahead = lookahead
 
     def setup(self, module) -> None:
         trainer = getattr(module, "_trainer", None)
@@ -293,7 +302,7 @@ class PrefixSpliceReviser(Reviser):
             )
         sampling = getattr(module, "sampling", None)
         if self.fused and sampling is not None:
-            Proposer(sampling.generate_kwargs(), 1, module.tokenizer.eos_token_id, "cpu")  # refuses what it cannot honour
+            Proposer(sampling.generate_kwargs(), module.tokenizer.eos_token_id)  # refuses what it cannot honour
 
     # --- the two decisions, shared by both forms ------------------------------------------------
     def disowned(self, teacher_logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -307,27 +316,6 @@ class PrefixSpliceReviser(Reviser):
         failed = self.disowned(teacher_logits.float().log_softmax(-1), tokens) & mask.bool()
         first = failed.float().argmax(-1)
         return torch.where(failed.any(-1), first, torch.full_like(first, -1))
-
-    def replacement(
-        self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, teacher_logp: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A token per row from the teacher restricted to the student's top-p set, and where that set was empty.
-
-        ``teacher_logp``: the teacher's log-softmax at temperature 1, if the caller has it already.
-        Runs once per decoded token, so it is kept to a few whole-batch ops: ``multinomial``
-        takes the unnormalised restricted weights directly.
-        """
-        if teacher_logp is not None and self.temperature == 1.0:
-            q = teacher_logp.exp()
-        else:
-            q = (teacher_logits.float() / self.temperature).softmax(-1)
-        student_p = student_logits.float().softmax(-1)
-        support = top_p_mask(student_p.log(), self.student_top_p)
-        restricted = q * support
-        empty = restricted.sum(-1) < self.min_mass
-        fallback = q if self.fallback == "teacher" else student_p * support
-        weights = torch.where(empty.unsqueeze(-1), fallback, restricted)
-        return torch.multinomial(weights, 1).squeeze(-1), empty
 
     def _budget(self, module) -> int:
         return self.max_new_tokens or getattr(getattr(module, "sampling", None), "max_new_tokens", 48)
@@ -344,9 +332,11 @@ class PrefixSpliceReviser(Reviser):
         s_ids, s_mask = encode_prompts(tok, student_prompts, device, limit)
         same_prompt = teacher_prompts == student_prompts
         t_ids, t_mask = (s_ids, s_mask) if same_prompt else encode_prompts(tok, teacher_prompts, device, limit)
-        propose = Proposer(sampling.generate_kwargs(), s_ids.shape[1], tok.eos_token_id, device)
+        propose = Proposer(sampling.generate_kwargs(), tok.eos_token_id)
         remaining = torch.full((len(problems),), self._budget(module), device=device)
-        block, mask, teacher_logits, t_star, empty = self._decode(module, s_ids, s_mask, t_ids, t_mask, remaining, propose)
+        block, mask, teacher_logits, t_star, empty, stats = self._decode(
+            module, s_ids, s_mask, t_ids, t_mask, remaining, propose
+        )
         student_ctx = Context(torch.cat([s_ids, block], 1), torch.cat([s_mask, mask.long()], 1), s_ids.shape[1])
         if same_prompt:
             teacher_ctx = student_ctx
@@ -366,79 +356,188 @@ class PrefixSpliceReviser(Reviser):
             "accuracy_after": correct.mean().item(),
             "length_after": lengths.float().mean().item(),
             "fallback_rate": _fallback_rate(empty, revised_positions),
-            "decode_steps": block.shape[1],  # every row was decoded (proposed or replaced) at each step
+            "decode_steps": block.shape[1],  # positions the batch was decoded over (rows that ended early ride along)
+            "teacher_forwards": stats["rounds"],
+            "lookahead_acceptance": stats["accepted"] / max(stats["drafted"], 1),
             "revision_tokens": int((lengths - t_star).clamp(min=0)[revised].sum()),
             "seconds": time.perf_counter() - start,
         }
         return Rollout(list(problems), block, mask, student_ctx, teacher_ctx, info, teacher_logits=teacher_logits)
 
     def _decode(self, module, s_ids, s_mask, t_ids, t_mask, remaining: torch.Tensor, propose: Proposer | None):
-        """Decode both models from left-padded prompts, a token per row and step, batched.
+        """Decode both models from left-padded prompts, batched, speculatively.
 
         With ``propose``, the student proposes each token and the first one the teacher disowns
         starts the row's revision (fused form); without, every row revises from its first token
-        (the two-pass continuation). ``remaining``: each row's token budget. Returns the block
-        (pad after each row's end), its mask, the teacher logits before each token, ``t*`` per
-        row (``-1``: never revised) and where the restricted set was empty; all normal tensors.
+        (the two-pass continuation). ``remaining``: each row's token budget.
+
+        Each round the student drafts ``lookahead`` tokens per row (KV-cache steps) and the
+        teacher scores them all in one forward, instead of one teacher step per token. Per row,
+        in order: a proposal is kept while the teacher does not disown it, and a revising row's
+        draft (drawn from the student's top-p set) is kept by the speculative-sampling rule
+        (accept with probability ``min(1, p/q)``, else draw from ``max(0, p - q)``; Leviathan et
+        al., 2023), which leaves every token distributed exactly as a direct draw from ``p``, the
+        teacher restricted to the student's top-p set. The first rejected draft is replaced and
+        the rest of the row's drafts are dropped: their cache slots are masked out, so rows
+        advance at their own rate with no cache surgery.
+
+        Returns the block (pad after each row's end), its mask, the teacher logits before each
+        token, ``t*`` per row (``-1``: never revised), where the restricted set was empty, and
+        decode statistics; all normal tensors.
         """
         tok = module.tokenizer
         teacher, student = module.model_for("teacher"), module.model_for("student")
-        n, budget, s_width, t_width = len(remaining), int(remaining.max()), s_ids.shape[1], t_ids.shape[1]
-        # inference_mode skips autograd's bookkeeping on every small op of the decode (~8 % of its
-        # time here); the small outputs are cloned out of it below (the student's training forward
-        # takes the ids as input).
+        device = s_ids.device
+        n, budget = len(remaining), int(remaining.max())
+        k_max = self.lookahead
+        arange_k, row_idx = torch.arange(k_max, device=device), torch.arange(n, device=device)
+        stats = {"rounds": 0, "drafted": 0, "accepted": 0}
+        # inference_mode skips autograd's bookkeeping on every small op of the decode; the outputs
+        # leave it through out-of-place ops below, which give normal tensors.
         with torch.inference_mode():
-            # Preallocated for the whole decode: each step takes views instead of growing tensors.
-            s_mask = torch.cat([s_mask, s_mask.new_ones(n, budget)], 1)
-            t_mask = torch.cat([t_mask, t_mask.new_ones(n, budget)], 1)
-            ids = torch.cat([s_ids, s_ids.new_full((n, budget), tok.pad_token_id)], 1)
-            s_pos, t_pos = positions_from_mask(s_mask[:, :s_width]), positions_from_mask(t_mask[:, :t_width])
-            s_logits, s_cache = model_step(student, s_ids, s_mask[:, :s_width], s_pos, None)
-            t_logits, t_cache = model_step(teacher, t_ids, t_mask[:, :t_width], t_pos, None)
-            s_pos, t_pos = s_pos[:, -1:], t_pos[:, -1:]
-            # The teacher logits the loss will use, written step by step into one buffer made
-            # outside inference mode: no list to stack and no clone afterwards, so with a large
-            # vocabulary the peak stays at one [B, N, V] tensor (what a teacher forward holds).
-            with torch.inference_mode(False):
-                teacher_logits = torch.empty((n, budget, t_logits.shape[-1]), dtype=t_logits.dtype, device=s_ids.device)
-            t_star = torch.full((n,), -1 if propose is not None else 0, dtype=torch.long, device=s_ids.device)
-            done = torch.zeros(n, dtype=torch.bool, device=s_ids.device)
-            empties, steps = [], 0
-            # Host-side, refreshed by one sync per step.
-            any_revising = all_revising = propose is None
-            for i in range(budget):
-                teacher_logits[:, i] = t_logits
-                steps = i + 1
+            # The last prompt token is not prefilled: it is the first input of round one, so every
+            # round starts the same way (one pending token per row that neither cache has seen).
+            s_pos = positions_from_mask(s_mask)[:, -1]
+            t_pos = positions_from_mask(t_mask)[:, -1]
+            s_pending, t_pending = s_ids[:, -1], t_ids[:, -1]
+            s_cache = t_cache = None
+            if s_ids.shape[1] > 1:
+                _, s_cache = model_step(student, s_ids[:, :-1], s_mask[:, :-1], positions_from_mask(s_mask[:, :-1]), None)
+            if t_ids.shape[1] > 1:
+                _, t_cache = model_step(teacher, t_ids[:, :-1], t_mask[:, :-1], positions_from_mask(t_mask[:, :-1]), None)
+            # Cache slots after the prompt, preallocated: every round adds k per row, and a live row
+            # emits at least one token per round, so budget * k slots always suffice.
+            slots = s_mask.new_zeros(n, budget * k_max)
+            s_width, t_width = s_ids.shape[1] - 1, t_ids.shape[1] - 1
+            s_full = torch.cat([s_mask[:, :-1], slots], 1)
+            t_full = torch.cat([t_mask[:, :-1], slots], 1)
+            # Outputs, written at each row's own offset; k spare columns take the drafts a round
+            # drops past a row's end. Zeros, not empty: positions past a row's end stay finite.
+            ids = s_ids.new_full((n, budget + k_max), tok.pad_token_id)
+            empties = torch.zeros((n, budget + k_max), dtype=torch.bool, device=device)
+            length = torch.zeros(n, dtype=torch.long, device=device)
+            t_star = torch.full((n,), -1 if propose is not None else 0, dtype=torch.long, device=device)
+            revising = torch.full((n,), propose is None, dtype=torch.bool, device=device)
+            done = torch.zeros(n, dtype=torch.bool, device=device)
+            teacher_logits = None
+            used = 0
+            # Host-side, refreshed by one sync per round.
+            any_proposing, any_revising, left = propose is not None, propose is None, budget
+            while True:
+                k = min(k_max, left)
+                live = (~done).long().unsqueeze(1)
+                s_full[:, s_width + used : s_width + used + k] = live
+                t_full[:, t_width + used : t_width + used + k] = live
+                # --- the student drafts k tokens ------------------------------------------------
+                drafts, student_logits, draft_weights = [], [], []
+                token = s_pending
+                for j in range(k):
+                    logits, s_cache = model_step(
+                        student, token.unsqueeze(1), s_full[:, : s_width + used + j + 1], (s_pos + j).unsqueeze(1), s_cache
+                    )
+                    logits = logits[:, -1]
+                    if any_revising:  # q: the student restricted to its top-p set (unnormalised)
+                        student_p = logits.float().softmax(-1)
+                        draft_weights.append(student_p * top_p_support(student_p, self.student_top_p))
+                        token = torch.multinomial(draft_weights[-1], 1).squeeze(-1)
+                    if any_proposing:
+                        proposal = propose(logits, length + j)
+                        token = torch.where(revising, token, proposal) if any_revising else proposal
+                    drafts.append(token)
+                    student_logits.append(logits)
+                d = torch.stack(drafts, 1)  # [n, k]
+                if draft_weights:
+                    q_w = torch.stack(draft_weights, 1)  # [n, k, V]
+                else:  # no row was revising: q only bounds a switching row's replacement, built once
+                    student_p = torch.stack(student_logits, 1).float().softmax(-1)
+                    q_w = student_p * top_p_support(student_p, self.student_top_p)
+                support = q_w > 0
+                # --- the teacher scores them in one forward --------------------------------------
+                t_in = torch.cat([t_pending.unsqueeze(1), d[:, :-1]], 1)
+                t_logits, t_cache = model_step(
+                    teacher, t_in, t_full[:, : t_width + used + k], t_pos.unsqueeze(1) + arange_k[:k], t_cache, keep=k
+                )
+                if teacher_logits is None:
+                    with torch.inference_mode(False):  # normal tensor: the loss reads it
+                        teacher_logits = torch.zeros(
+                            (n, budget + k_max, t_logits.shape[-1]), dtype=t_logits.dtype, device=device
+                        )
                 t_logp = t_logits.float().log_softmax(-1)
-                if all_revising:
-                    nxt, empty = self.replacement(t_logits, s_logits, t_logp)  # no proposal can be kept
+                p_w, empty = self._restricted(t_logits, t_logp, support, q_w)  # p, unnormalised
+                if any_revising:  # speculative acceptance, P = min(1, p/q), without normalising [n, k, V]
+                    p_d, q_d = p_w.gather(-1, d.unsqueeze(-1)).squeeze(-1), q_w.gather(-1, d.unsqueeze(-1)).squeeze(-1)
+                    accepted = torch.rand_like(q_d) * q_d * p_w.sum(-1) < p_d * q_w.sum(-1)
+                if any_proposing:
+                    undisowned = ~self.disowned(t_logp, d)
+                if any_revising and any_proposing:
+                    kept = torch.where(revising.unsqueeze(1), accepted, undisowned)
                 else:
-                    nxt = propose(ids[:, : s_width + i], s_logits)
-                    newly = self.disowned(t_logp, nxt) & (t_star < 0) & ~done
-                    t_star.masked_fill_(newly, i)
-                    # Until the first row revises, ask (one sync) before drawing replacements for nobody.
-                    if any_revising or bool(newly.any()):
-                        any_revising = True
-                        replaced, empty = self.replacement(t_logits, s_logits, t_logp)
-                        nxt = torch.where(t_star >= 0, replaced, nxt)
-                    else:
-                        empty = torch.zeros_like(done)
-                nxt = nxt.masked_fill(done, tok.pad_token_id)
-                ids[:, s_width + i] = nxt
-                empties.append(empty)
-                done |= (nxt == tok.eos_token_id) | (remaining <= i + 1)
-                finished, all_revising = torch.stack([done.all(), (done | (t_star >= 0)).all()]).tolist()
-                if i == budget - 1 or finished:
-                    break  # the last token needs no forward pass after it
-                s_pos, t_pos = s_pos + 1, t_pos + 1
-                step_ids = nxt.unsqueeze(-1)
-                s_logits, s_cache = model_step(student, step_ids, s_mask[:, : s_width + i + 1], s_pos, s_cache)
-                t_logits, t_cache = model_step(teacher, step_ids, t_mask[:, : t_width + i + 1], t_pos, t_cache)
-        block = ids[:, s_width : s_width + steps]
-        within = torch.arange(steps, device=block.device) < remaining.unsqueeze(1)
-        mask = response_mask_from_ids(block, tok.eos_token_id) & within
-        # Out-of-place ops outside inference mode give normal tensors.
-        return block.masked_fill(~mask, tok.pad_token_id), mask, teacher_logits[:, :steps], t_star.clone(), torch.stack(empties, 1)
+                    kept = accepted if any_revising else undisowned
+                rejected = ~kept
+                first = torch.where(rejected.any(1), rejected.int().argmax(1), torch.full_like(length, k))
+                at = first.clamp(max=k - 1)
+                # The replacement at the first rejection: a disowned proposal is redrawn from p, a
+                # rejected draft from the residual max(0, p - q) (p itself where that is empty).
+                p_at = p_w[row_idx, at]
+                weights = p_at
+                if any_revising:
+                    q_at = q_w[row_idx, at]
+                    residual = (p_at / p_at.sum(-1, keepdim=True) - q_at / q_at.sum(-1, keepdim=True)).clamp(min=0)
+                    weights = torch.where((revising & (residual.sum(-1) > 0)).unsqueeze(1), residual, p_at)
+                replaced = torch.multinomial(weights, 1).squeeze(-1)
+                out = d.scatter(1, at.unsqueeze(1), torch.where(first < k, replaced, d[row_idx, at]).unsqueeze(1))
+                emit = torch.where(first < k, first + 1, first)
+                # Cut at the first EOS and at each row's budget; rows already done emit nothing.
+                eos_hit = (out == tok.eos_token_id) & (arange_k[:k] < emit.unsqueeze(1))
+                emit = torch.where(eos_hit.any(1), eos_hit.float().argmax(1) + 1, emit)
+                emit = torch.minimum(emit, remaining - length).masked_fill(done, 0)
+                switched = ~revising & ~done & (first < emit)
+                t_star = torch.where(switched, length + first, t_star)
+                # A draw from p happened at every emitted position of a revising row and at the
+                # switching row's replacement.
+                drew = (revising & ~done).unsqueeze(1) | (switched.unsqueeze(1) & (arange_k[:k] == first.unsqueeze(1)))
+                where = (length.unsqueeze(1) + arange_k[:k])
+                ids.scatter_(1, where, out)
+                empties.scatter_(1, where, empty & drew)
+                teacher_logits.scatter_(1, where.unsqueeze(-1).expand(-1, -1, t_logits.shape[-1]), t_logits)
+                # Slots of dropped drafts are masked out of both caches for every later round.
+                valid = (arange_k[:k] < emit.unsqueeze(1)).long()
+                s_full[:, s_width + used : s_width + used + k] = valid
+                t_full[:, t_width + used : t_width + used + k] = valid
+                last = out.gather(1, (emit - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+                s_pending = t_pending = last
+                s_pos, t_pos = s_pos + emit, t_pos + emit
+                used += k
+                stats["rounds"] += 1
+                drafted = (~done).sum() * k
+                accepted = torch.minimum(first, emit).masked_fill(done, 0).sum()
+                length = length + emit
+                done = done | eos_hit.any(1) | (length >= remaining)
+                revising = revising | switched
+                state = torch.stack(
+                    [done.all(), (~done & ~revising).any(), (~done & revising).any(),
+                     (remaining - length).masked_fill(done, 0).max(), drafted, accepted]
+                ).tolist()
+                finished, any_proposing, any_revising, left = bool(state[0]), bool(state[1]), bool(state[2]), int(state[3])
+                stats["drafted"] += int(state[4])
+                stats["accepted"] += int(state[5])
+                if finished:
+                    break
+        width = int(length.max())
+        mask = torch.arange(width, device=device) < length.unsqueeze(1)
+        block = ids[:, :width].masked_fill(~mask, tok.pad_token_id)
+        return block, mask, teacher_logits[:, :width], t_star.clone(), empties[:, :width], stats
+
+    def _restricted(self, t_logits, t_logp, support, student_w):
+        """The restricted target ``p`` (unnormalised) and where its set was empty (the fallback drew instead)."""
+        if self.temperature == 1.0:
+            q_teacher = t_logp.exp()
+        else:
+            q_teacher = (t_logits.float() / self.temperature).softmax(-1)
+        restricted = q_teacher * support
+        empty = restricted.sum(-1) < self.min_mass
+        fallback = q_teacher if self.fallback == "teacher" else student_w
+        return torch.where(empty.unsqueeze(-1), fallback, restricted), empty
 
     # --- two-pass: revise a finished rollout ----------------------------------------------------
     def revise(self, module, rollout: Rollout) -> Rollout:
@@ -484,7 +583,7 @@ class PrefixSpliceReviser(Reviser):
         pad = module.tokenizer.pad_token_id
         t_ctx = _prefix_context(rollout.teacher, idx, keep, pad)
         s_ctx = _prefix_context(rollout.student, idx, keep, pad)
-        block, mask, teacher_logits, _, empty = self._decode(
+        block, mask, teacher_logits, _, empty, _ = self._decode(
             module, s_ctx.input_ids, s_ctx.attention_mask, t_ctx.input_ids, t_ctx.attention_mask, remaining, None
         )
         return [r[m] for r, m in zip(block, mask)], teacher_logits, _fallback_rate(empty, mask)
@@ -492,8 +591,12 @@ class PrefixSpliceReviser(Reviser):
 
 def top_p_mask(logp: torch.Tensor, top_p: float) -> torch.Tensor:
     """Boolean mask of the smallest set of tokens whose mass reaches ``top_p`` (at least one)."""
-    sorted_logp, order = logp.sort(-1, descending=True)
-    sorted_p = sorted_logp.exp()
+    return top_p_support(logp.exp(), top_p)
+
+
+def top_p_support(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`top_p_mask` from probabilities (the decode has them already)."""
+    sorted_p, order = probs.sort(-1, descending=True)
     # Keep a token while the mass *before* it is below top_p: the first token always (0 < top_p).
     keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
     return torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
