@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # TRD's cost on a GPU, at sizes where the model does the work (random Llamas, fp32, batch 32,
 # 32 forced tokens), from the repository root:   bash benchmarks/gpu_throughput.sh [OUT_DIR]
-# Writes OUT_DIR/throughput_gpu_<student>_<teacher>.md (default OUT_DIR: benchmarks/results).
+# Writes OUT_DIR/throughput_gpu_<student>_<teacher>.md and lookahead_gpu_*.md (default OUT_DIR: benchmarks/results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,4 +19,8 @@ for sizes in "1024 8 2048 16" "512 4 1024 8"; do
     --contenders ours_opd ours_trd_splice ours_trd_splice_two_pass ours_trd_rewrite bare \
     --out "$OUT/throughput_gpu_${1}x${2}_${3}x${4}.md" || status=1
 done
+# The splice decode's lookahead (teacher forwards vs dropped drafts) where a k-token teacher
+# forward costs about what a one-token step does.
+$PY benchmarks/lookahead.py --accelerator gpu --threads 2 --rounds 10 \
+  --student-size 1024 8 --teacher-size 2048 16 --out "$OUT/lookahead_gpu_1024x8_2048x16.md" || status=1
 exit $status

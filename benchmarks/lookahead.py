@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def build_module(pair: str, tmp: str, batch_size: int):
+def build_module(pair: str, tmp: str, batch_size: int, student_size=(64, 2), teacher_size=(128, 3)):
     from throughput import FixedLengthSampling, build_models
 
     import trd_lightning
@@ -43,7 +43,7 @@ def build_module(pair: str, tmp: str, batch_size: int):
 
     task = ArithmeticTask(train_size=max(64, batch_size), val_size=8, test_size=8, seed=0)
     if pair == "random":
-        student, teacher = build_models(Path(tmp), seed=0)
+        student, teacher = build_models(Path(tmp), seed=0, student_size=student_size, teacher_size=teacher_size)
         sampling = FixedLengthSampling(temperature=1.0, max_new_tokens=32)
     else:
         assets = Path(trd_lightning.__file__).parent / "assets" / "arith"
@@ -53,13 +53,14 @@ def build_module(pair: str, tmp: str, batch_size: int):
     return module, list(task.problems("train"))[:batch_size]
 
 
-def measure(pair: str, lookaheads: list[int], rounds: int, batch_size: int) -> list[dict]:
+def measure(pair: str, lookaheads: list[int], rounds: int, batch_size: int, device: str = "cpu", sizes=None) -> list[dict]:
     import torch
 
     from trd_lightning.revision import PrefixSpliceReviser
 
     with tempfile.TemporaryDirectory(prefix="trd_lookahead_") as tmp:
-        module, problems = build_module(pair, tmp, batch_size)
+        module, problems = build_module(pair, tmp, batch_size, *(sizes or ()))
+        module.to(device)
 
         def opd():
             with torch.no_grad():
@@ -80,6 +81,8 @@ def measure(pair: str, lookaheads: list[int], rounds: int, batch_size: int) -> l
             for name in names[i % len(names):] + names[: i % len(names)]:  # rotate the order
                 start = time.perf_counter()
                 infos[name].append(runs[name]())
+                if device == "cuda":  # the decode's host syncs leave the last kernels in flight
+                    torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
     reference = statistics.median(times["OPD rollout + teacher forward"])
     base = statistics.median(times[f"fused splice, lookahead {lookaheads[0]}"])
@@ -123,20 +126,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=15, help="timed rollouts per run (interleaved)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--student-size", type=int, nargs=2, default=[64, 2], metavar=("HIDDEN", "LAYERS"), help="random pair")
+    parser.add_argument("--teacher-size", type=int, nargs=2, default=[128, 3], metavar=("HIDDEN", "LAYERS"), help="random pair")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/lookahead.md"), help="markdown output ('' for none)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or min(args.lookahead) < 1:
         parser.error("--rounds and every --lookahead must be >= 1")
     import torch
 
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        parser.error("--accelerator gpu needs CUDA, and torch.cuda.is_available() is False here")
     torch.set_num_threads(args.threads)
-    rows = [row for pair in args.pairs for row in measure(pair, args.lookahead, args.rounds, args.batch_size)]
+    device = "cuda" if args.accelerator == "gpu" else "cpu"
+    sizes = (tuple(args.student_size), tuple(args.teacher_size))
+    rows = [
+        row
+        for pair in args.pairs
+        for row in measure(pair, args.lookahead, args.rounds, args.batch_size, device, sizes if pair == "random" else None)
+    ]
     report = "\n\n".join([
         "# Lookahead of the splice reviser's speculative decode",
         f"Command: `{' '.join(['python', 'benchmarks/lookahead.py', *(argv if argv is not None else sys.argv[1:])])}`",
         (
             f"Measured {datetime.datetime.now().isoformat(timespec='minutes')}, {args.threads} torch thread(s), batch "
-            f"{args.batch_size}, median of {args.rounds} interleaved rollouts per run (one process; CPU)."
+            f"{args.batch_size}, median of {args.rounds} interleaved rollouts per run (one process; {device}). Random pair: "
+            f"student {args.student_size[0]} × {args.student_size[1]}, teacher {args.teacher_size[0]} × {args.teacher_size[1]}."
         ),
         table(rows, args.lookahead[0]),
         (

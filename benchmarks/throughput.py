@@ -200,8 +200,9 @@ def pace_callback(pacer, revising: bool):
             rollout = batch["rollout"]
             original = rollout.info.get("original", rollout)
             if rollout.info.get("fused"):
-                # One decode: every row was decoded at every step, by the student's proposal up
-                # to its t* and by the teacher-guided replacement after (the revision tokens).
+                # One decode over the rollout's positions (rows that end early ride along to the
+                # longest row's end): the student's proposals up to t*, restricted draws after
+                # (the revision tokens). Drafts the speculative decode dropped are not counted.
                 generated = len(rollout.problems) * rollout.info["decode_steps"]
             else:
                 generated = int(original.response_mask.sum())  # what the student's generate produced

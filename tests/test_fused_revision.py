@@ -216,7 +216,7 @@ def test_speculative_decode_draws_exactly_from_the_restricted_teacher(tiny_paths
     prompt = tok(task.student_prompt(next(iter(task.problems("test")))), return_tensors="pt").input_ids[0]
     n = 4000
     ids, mask = prompt.repeat(n, 1), torch.ones(n, len(prompt), dtype=torch.long)
-    block, out_mask, *_ = reviser._decode(module, ids, mask, ids, mask, torch.full((n,), 2), None)
+    block, out_mask, *_ = reviser._decode(module, ids, mask, ids, mask, torch.full((n,), 2), torch.zeros(n, dtype=torch.long), None)
 
     # Exact: p0 at the prompt; p1 after every possible first token (one batched forward each).
     with torch.no_grad():
@@ -259,3 +259,46 @@ def test_lookahead_trades_teacher_forwards_for_drafts(tiny_paths, task):
     assert 0 < three["lookahead_acceptance"] <= 1
     with pytest.raises(ValueError, match="lookahead must be an integer >= 1"):
         PrefixSpliceReviser(lookahead=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_min_new_tokens_binds_the_restricted_draws_too(tiny_paths, task, fused):
+    class AtLeast(Sampling):  # the throughput benchmark's forced-length rollouts
+        def generate_kwargs(self):
+            return {**super().generate_kwargs(), "min_new_tokens": 9}
+
+    torch.manual_seed(0)
+    module = make_module(tiny_paths, task, sampling=AtLeast(temperature=1.0, max_new_tokens=10))
+    problems = list(task.problems("test"))[:16]
+    reviser = PrefixSpliceReviser(threshold=0.2, fused=fused)  # disowns often: most tokens are restricted draws
+    revised = reviser.sample_revised(module, problems) if fused else reviser.revise(module, module.make_rollout(problems))
+    t_star = revised.info["t_star_rows"]
+    assert (t_star >= 0).float().mean() > 0.5, "want most rows revised"
+    lengths = revised.response_mask.sum(-1)
+    eos = module.tokenizer.eos_token_id
+    assert (lengths >= 9).all(), f"rows ended before min_new_tokens: {lengths.tolist()}"
+    assert not (revised.response_ids[:, :8] == eos).any(), "EOS drawn before the minimum"
+
+
+def test_finished_rows_leave_the_decode_and_the_rest_is_unchanged(tiny_paths, task, monkeypatch):
+    from transformers import DynamicCache
+
+    kept_sizes = []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(
+        DynamicCache, "batch_select_indices", lambda self, idx: (kept_sizes.append(len(idx)), select(self, idx))[1]
+    )
+    torch.manual_seed(3)
+    module = make_module(tiny_paths, task, sampling=Sampling(temperature=1.0, max_new_tokens=16))
+    problems = list(task.problems("test"))[:16]
+    revised = PrefixSpliceReviser(threshold=0.2).sample_revised(module, problems)
+    lengths = revised.response_mask.sum(-1)
+    assert kept_sizes and min(kept_sizes) < len(problems), "want rows dropped from the batch mid-decode"
+    assert lengths.min() < lengths.max(), "want rows of different lengths"
+    # Every row, dropped early or not, is a whole trajectory: EOS only at its end, the teacher's
+    # logits at each of its positions those of a fresh forward over the finished rollout.
+    eos = module.tokenizer.eos_token_id
+    for row, n in zip(revised.response_ids, lengths.tolist()):
+        assert not (row[: n - 1] == eos).any() and (n == 16 or row[n - 1] == eos)
+    fresh = module.score(revised.teacher, role="teacher")
+    assert masked_max_diff(revised.teacher_logits, fresh, revised.response_mask) < 1e-4

@@ -225,7 +225,9 @@ class PrefixSpliceReviser(Reviser):
     unrestricted distribution: correctness first) or ``student`` (the student's top-p set:
     support first). How often that happened is logged as ``fallback_rate``. ``y_r`` has the same
     length budget as a rollout (``max_new_tokens``, default: the module's sampling budget): the
-    continuation fills what ``t*`` left.
+    continuation fills what ``t*`` left. The rollout's ``min_new_tokens`` binds the restricted
+    draws as it binds generate: EOS is taken out of both distributions until a row has drawn that
+    many tokens.
 
     Two ways to run it, with the same distribution of ``y_r``:
 
@@ -247,7 +249,9 @@ class PrefixSpliceReviser(Reviser):
     from the residual (speculative sampling), so each token has exactly the distribution above
     while the teacher runs once per ``lookahead`` tokens instead of once per token.
     ``lookahead=1`` checks every token as it is drawn. The share of drafts kept is logged as
-    ``lookahead_acceptance``: when it is low, a smaller ``lookahead`` wastes fewer drafts.
+    ``lookahead_acceptance``: when it is low, a smaller ``lookahead`` wastes fewer drafts. Rows
+    that have finished leave the batch (and both KV caches) once a quarter of it has, so the
+    forwards shrink as the rollouts end.
     """
 
     def __init__(
@@ -334,8 +338,9 @@ class PrefixSpliceReviser(Reviser):
         t_ids, t_mask = (s_ids, s_mask) if same_prompt else encode_prompts(tok, teacher_prompts, device, limit)
         propose = Proposer(sampling.generate_kwargs(), tok.eos_token_id)
         remaining = torch.full((len(problems),), self._budget(module), device=device)
+        minimum = torch.full_like(remaining, propose.min_new_tokens)
         block, mask, teacher_logits, t_star, empty, stats = self._decode(
-            module, s_ids, s_mask, t_ids, t_mask, remaining, propose
+            module, s_ids, s_mask, t_ids, t_mask, remaining, minimum, propose
         )
         student_ctx = Context(torch.cat([s_ids, block], 1), torch.cat([s_mask, mask.long()], 1), s_ids.shape[1])
         if same_prompt:
@@ -364,12 +369,16 @@ class PrefixSpliceReviser(Reviser):
         }
         return Rollout(list(problems), block, mask, student_ctx, teacher_ctx, info, teacher_logits=teacher_logits)
 
-    def _decode(self, module, s_ids, s_mask, t_ids, t_mask, remaining: torch.Tensor, propose: Proposer | None):
+    def _decode(
+        self, module, s_ids, s_mask, t_ids, t_mask, remaining: torch.Tensor, minimum: torch.Tensor, propose: Proposer | None
+    ):
         """Decode both models from left-padded prompts, batched, speculatively.
 
         With ``propose``, the student proposes each token and the first one the teacher disowns
         starts the row's revision (fused form); without, every row revises from its first token
-        (the two-pass continuation). ``remaining``: each row's token budget.
+        (the two-pass continuation). ``remaining``: each row's token budget; ``minimum``: how many
+        tokens each row draws before EOS is allowed (the rollout's ``min_new_tokens``, which binds
+        the restricted draws as it binds the proposals and a rewrite).
 
         Each round the student drafts ``lookahead`` tokens per row (KV-cache steps) and the
         teacher scores them all in one forward, instead of one teacher step per token. Per row,
@@ -421,8 +430,19 @@ class PrefixSpliceReviser(Reviser):
             done = torch.zeros(n, dtype=torch.bool, device=device)
             teacher_logits = None
             used = 0
+            eos_vocab = None  # [V] bool, built once V is known
+            # Finished rows leave the batch (both caches included) once a quarter of it is done:
+            # a forward costs less with fewer rows, and rollout lengths vary a lot. The per-row
+            # state below then covers the live rows only; `orig` maps them to the output rows.
+            orig = row_idx
+            length_out, t_star_out = length.clone(), t_star.clone()
+
+            def early_eos(k):  # [n, k, V]: EOS where a row has not drawn its minimum yet
+                return ((length.unsqueeze(1) + arange_k[:k]) < minimum.unsqueeze(1)).unsqueeze(-1) & eos_vocab
+
             # Host-side, refreshed by one sync per round.
             any_proposing, any_revising, left = propose is not None, propose is None, budget
+            any_early = bool((minimum > 0).any())
             while True:
                 k = min(k_max, left)
                 live = (~done).long().unsqueeze(1)
@@ -436,10 +456,17 @@ class PrefixSpliceReviser(Reviser):
                         student, token.unsqueeze(1), s_full[:, : s_width + used + j + 1], (s_pos + j).unsqueeze(1), s_cache
                     )
                     logits = logits[:, -1]
+                    if eos_vocab is None:
+                        eos_vocab = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+                        eos_vocab[tok.eos_token_id] = True
                     if any_revising:  # q: the student restricted to its top-p set (unnormalised)
-                        student_p = logits.float().softmax(-1)
-                        draft_weights.append(student_p * top_p_support(student_p, self.student_top_p))
-                        token = torch.multinomial(draft_weights[-1], 1).squeeze(-1)
+                        draft_logits = logits.float()
+                        if any_early:  # as generate's min_new_tokens: EOS out first, then the top-p set
+                            draft_logits = draft_logits.masked_fill((length + j < minimum).unsqueeze(-1) & eos_vocab, float("-inf"))
+                        student_p = draft_logits.softmax(-1)
+                        weights = student_p * top_p_support(student_p, self.student_top_p)
+                        draft_weights.append(weights)
+                        token = torch.multinomial(weights, 1).squeeze(-1)
                     if any_proposing:
                         proposal = propose(logits, length + j)
                         token = torch.where(revising, token, proposal) if any_revising else proposal
@@ -449,7 +476,10 @@ class PrefixSpliceReviser(Reviser):
                 if draft_weights:
                     q_w = torch.stack(draft_weights, 1)  # [n, k, V]
                 else:  # no row was revising: q only bounds a switching row's replacement, built once
-                    student_p = torch.stack(student_logits, 1).float().softmax(-1)
+                    draft_logits = torch.stack(student_logits, 1).float()
+                    if any_early:
+                        draft_logits = draft_logits.masked_fill(early_eos(k), float("-inf"))
+                    student_p = draft_logits.softmax(-1)
                     q_w = student_p * top_p_support(student_p, self.student_top_p)
                 support = q_w > 0
                 # --- the teacher scores them in one forward --------------------------------------
@@ -463,7 +493,7 @@ class PrefixSpliceReviser(Reviser):
                             (n, budget + k_max, t_logits.shape[-1]), dtype=t_logits.dtype, device=device
                         )
                 t_logp = t_logits.float().log_softmax(-1)
-                p_w, empty = self._restricted(t_logits, t_logp, support, q_w)  # p, unnormalised
+                p_w, empty = self._restricted(t_logits, t_logp, support, q_w, early_eos(k) if any_early else None)
                 if any_revising:  # speculative acceptance, P = min(1, p/q), without normalising [n, k, V]
                     p_d, q_d = p_w.gather(-1, d.unsqueeze(-1)).squeeze(-1), q_w.gather(-1, d.unsqueeze(-1)).squeeze(-1)
                     accepted = torch.rand_like(q_d) * q_d * p_w.sum(-1) < p_d * q_w.sum(-1)
@@ -496,10 +526,10 @@ class PrefixSpliceReviser(Reviser):
                 # A draw from p happened at every emitted position of a revising row and at the
                 # switching row's replacement.
                 drew = (revising & ~done).unsqueeze(1) | (switched.unsqueeze(1) & (arange_k[:k] == first.unsqueeze(1)))
-                where = (length.unsqueeze(1) + arange_k[:k])
-                ids.scatter_(1, where, out)
-                empties.scatter_(1, where, empty & drew)
-                teacher_logits.scatter_(1, where.unsqueeze(-1).expand(-1, -1, t_logits.shape[-1]), t_logits)
+                where, out_rows = length.unsqueeze(1) + arange_k[:k], orig.unsqueeze(1)
+                ids[out_rows, where] = out
+                empties[out_rows, where] = empty & drew
+                teacher_logits[out_rows, where] = t_logits
                 # Slots of dropped drafts are masked out of both caches for every later round.
                 valid = (arange_k[:k] < emit.unsqueeze(1)).long()
                 s_full[:, s_width + used : s_width + used + k] = valid
@@ -516,24 +546,42 @@ class PrefixSpliceReviser(Reviser):
                 revising = revising | switched
                 state = torch.stack(
                     [done.all(), (~done & ~revising).any(), (~done & revising).any(),
-                     (remaining - length).masked_fill(done, 0).max(), drafted, accepted]
+                     (remaining - length).masked_fill(done, 0).max(), drafted, accepted, (~done & (length < minimum)).any(),
+                     (~done).sum()]
                 ).tolist()
                 finished, any_proposing, any_revising, left = bool(state[0]), bool(state[1]), bool(state[2]), int(state[3])
+                any_early = bool(state[6])
                 stats["drafted"] += int(state[4])
                 stats["accepted"] += int(state[5])
                 if finished:
                     break
-        width = int(length.max())
-        mask = torch.arange(width, device=device) < length.unsqueeze(1)
+                if state[7] <= 0.75 * len(orig) and all(hasattr(c, "batch_select_indices") for c in (s_cache, t_cache)):
+                    keep = (~done).nonzero().squeeze(1)
+                    length_out[orig], t_star_out[orig] = length, t_star
+                    orig = orig[keep]
+                    s_cache.batch_select_indices(keep)
+                    t_cache.batch_select_indices(keep)
+                    s_full, t_full, s_pos, t_pos = s_full[keep], t_full[keep], s_pos[keep], t_pos[keep]
+                    s_pending, t_pending = s_pending[keep], t_pending[keep]
+                    length, remaining, minimum = length[keep], remaining[keep], minimum[keep]
+                    t_star, revising, done = t_star[keep], revising[keep], done[keep]
+                    row_idx = torch.arange(len(keep), device=device)
+                    stats["compactions"] = stats.get("compactions", 0) + 1
+            length_out[orig], t_star_out[orig] = length, t_star
+        width = int(length_out.max())
+        mask = torch.arange(width, device=device) < length_out.unsqueeze(1)
         block = ids[:, :width].masked_fill(~mask, tok.pad_token_id)
-        return block, mask, teacher_logits[:, :width], t_star.clone(), empties[:, :width], stats
+        return block, mask, teacher_logits[:, :width], t_star_out.clone(), empties[:, :width], stats
 
-    def _restricted(self, t_logits, t_logp, support, student_w):
-        """The restricted target ``p`` (unnormalised) and where its set was empty (the fallback drew instead)."""
-        if self.temperature == 1.0:
+    def _restricted(self, t_logits, t_logp, support, student_w, early_eos=None):
+        """The restricted target ``p`` (unnormalised) and where its set was empty (the fallback drew
+        instead). ``early_eos``: where EOS is not allowed yet; the teacher's distribution is taken
+        without it (``support`` and ``student_w`` come without it already)."""
+        if self.temperature == 1.0 and early_eos is None:
             q_teacher = t_logp.exp()
         else:
-            q_teacher = (t_logits.float() / self.temperature).softmax(-1)
+            scaled = t_logits.float() / self.temperature
+            q_teacher = (scaled if early_eos is None else scaled.masked_fill(early_eos, float("-inf"))).softmax(-1)
         restricted = q_teacher * support
         empty = restricted.sum(-1) < self.min_mass
         fallback = q_teacher if self.fallback == "teacher" else student_w
@@ -560,7 +608,10 @@ class PrefixSpliceReviser(Reviser):
             keep = [originals[i][: int(t_star[i])] for i in picked]
             # y_r gets the same length budget as a rollout: the continuation fills what t* left.
             remaining = self._budget(module) - t_star[idx]
-            cont, cont_logits, fallback_rate = self._continue(module, rollout, idx, keep, remaining)
+            # min_new_tokens counts from the response's start: the kept prefix has drawn t* of them.
+            min_new = (getattr(module, "sampling", None) or Sampling()).generate_kwargs().get("min_new_tokens") or 0
+            minimum = (min_new - t_star[idx]).clamp(min=0)
+            cont, cont_logits, fallback_rate = self._continue(module, rollout, idx, keep, remaining, minimum)
             for j, i in enumerate(picked):
                 t = int(t_star[i])
                 new[i] = torch.cat([keep[j], cont[j]])
@@ -573,10 +624,12 @@ class PrefixSpliceReviser(Reviser):
         revised = assemble_rollout(module, rollout.problems, new, [module.teacher_prompt(p) for p in rollout.problems], info)
         return revised.replace(teacher_logits=right_pad_rows(logit_rows, revised.response_ids.shape[1]))
 
-    def _continue(self, module, rollout: Rollout, idx: torch.Tensor, keep: list[torch.Tensor], remaining: torch.Tensor):
+    def _continue(
+        self, module, rollout: Rollout, idx: torch.Tensor, keep: list[torch.Tensor], remaining: torch.Tensor, minimum: torch.Tensor
+    ):
         """Decode the continuations of the selected rows (both models, batched), from their kept prefixes.
 
-        ``remaining``: each row's token budget. Returns the continuations (EOS included where one
+        ``remaining``, ``minimum``: each row's token budget and its tokens before EOS. Returns the continuations (EOS included where one
         was drawn within budget), the teacher's logits before each of their tokens
         ([rows, steps, V]) and the fallback rate.
         """
@@ -584,7 +637,7 @@ class PrefixSpliceReviser(Reviser):
         t_ctx = _prefix_context(rollout.teacher, idx, keep, pad)
         s_ctx = _prefix_context(rollout.student, idx, keep, pad)
         block, mask, teacher_logits, _, empty, _ = self._decode(
-            module, s_ctx.input_ids, s_ctx.attention_mask, t_ctx.input_ids, t_ctx.attention_mask, remaining, None
+            module, s_ctx.input_ids, s_ctx.attention_mask, t_ctx.input_ids, t_ctx.attention_mask, remaining, minimum, None
         )
         return [r[m] for r, m in zip(block, mask)], teacher_logits, _fallback_rate(empty, mask)
 
