@@ -2,6 +2,8 @@
 
     python benchmarks/lookahead.py                       # ~2 minutes on 2 CPU cores
     python benchmarks/lookahead.py --lookahead 1 2 3 4 6 --rounds 20
+    python benchmarks/lookahead.py --split --lookahead 3 --pairs random   # time per model call too
+    python benchmarks/lookahead.py --compaction --lookahead 3 --rounds 30  # with vs without dropping finished rows
 
 `PrefixSpliceReviser` decodes speculatively: the student drafts ``lookahead`` tokens, the teacher
 checks them in one forward (``lookahead=1``: one teacher step per token). More lookahead means
@@ -102,6 +104,86 @@ def measure(pair: str, lookaheads: list[int], rounds: int, batch_size: int, devi
     return rows
 
 
+def split_calls(pair: str, lookahead: int, rounds: int, batch_size: int, device: str = "cpu", sizes=None) -> str:
+    """Where one fused rollout's time goes: each model call timed (prefill or forward over k new
+    tokens), the rest is sampling arithmetic and bookkeeping."""
+    import collections
+
+    import torch
+
+    from trd_lightning import revision
+
+    with tempfile.TemporaryDirectory(prefix="trd_lookahead_") as tmp:
+        module, problems = build_module(pair, tmp, batch_size, *(sizes or ()))
+        module.to(device)
+        student = module.model_for("student")
+        spent, calls = collections.defaultdict(float), collections.Counter()
+        model_step = revision.model_step
+
+        def timed(model, ids, mask, positions, cache, keep=1):
+            start = time.perf_counter()
+            out = model_step(model, ids, mask, positions, cache, keep)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            what = ("student" if model is student else "teacher") + (" prefill" if cache is None else f" forward, {ids.shape[1]} token(s)")
+            spent[what] += time.perf_counter() - start
+            calls[what] += 1
+            return out
+
+        reviser = revision.PrefixSpliceReviser(lookahead=lookahead)
+        reviser.sample_revised(module, problems)  # warm-up
+        revision.model_step = timed
+        try:
+            start = time.perf_counter()
+            for _ in range(rounds):
+                reviser.sample_revised(module, problems)
+            total = (time.perf_counter() - start) / rounds
+        finally:
+            revision.model_step = model_step
+    lines = [f"| {pair}, lookahead {lookahead} | calls per rollout | ms per call | ms per rollout |", "|---|---:|---:|---:|"]
+    for what in sorted(spent):
+        lines.append(f"| {what} | {calls[what] / rounds:.1f} | {1000 * spent[what] / calls[what]:.2f} | {1000 * spent[what] / rounds:.1f} |")
+    rest = total - sum(spent.values()) / rounds
+    lines.append(f"| the rest (sampling arithmetic, bookkeeping) | | | {1000 * rest:.1f} |")
+    lines.append(f"| **one fused rollout** | | | **{1000 * total:.1f}** |")
+    return "\n".join(lines)
+
+
+def compaction_ab(pair: str, lookahead: int, rounds: int, batch_size: int, device: str = "cpu", sizes=None) -> str:
+    """The decode with and without dropping finished rows, interleaved. Without: the caches are
+    made to look as if they could not select rows (the decode then keeps every row to the end)."""
+    from transformers import DynamicCache
+
+    from trd_lightning.revision import PrefixSpliceReviser
+
+    select = DynamicCache.batch_select_indices
+
+    def unavailable(self):
+        raise AttributeError("batch_select_indices disabled by benchmarks/lookahead.py --compaction")
+
+    times = {"with": [], "without": []}
+    with tempfile.TemporaryDirectory(prefix="trd_lookahead_") as tmp:
+        module, problems = build_module(pair, tmp, batch_size, *(sizes or ()))
+        module.to(device)
+        reviser = PrefixSpliceReviser(lookahead=lookahead)
+        try:
+            for i in range(rounds + 1):  # the first round warms up
+                for mode in ("with", "without") if i % 2 else ("without", "with"):
+                    DynamicCache.batch_select_indices = select if mode == "with" else property(unavailable)
+                    start = time.perf_counter()
+                    reviser.sample_revised(module, problems)
+                    if device == "cuda":
+                        import torch
+
+                        torch.cuda.synchronize()
+                    if i:
+                        times[mode].append(time.perf_counter() - start)
+        finally:
+            DynamicCache.batch_select_indices = select
+    with_, without = statistics.median(times["with"]), statistics.median(times["without"])
+    return f"| {pair} | {lookahead} | {1000 * without:.0f} | {1000 * with_:.0f} | {with_ / without:.2f}× |"
+
+
 def table(rows: list[dict], first: int) -> str:
     lines = [
         f"| pair | run | ms (median) | ÷ OPD rollout | ÷ lookahead {first} | teacher forwards | drafts kept |",
@@ -127,6 +209,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--split", action="store_true", help="time every model call of the first --lookahead instead")
+    parser.add_argument(
+        "--compaction", action="store_true", help="compare the first --lookahead with and without dropping finished rows instead"
+    )
     parser.add_argument("--student-size", type=int, nargs=2, default=[64, 2], metavar=("HIDDEN", "LAYERS"), help="random pair")
     parser.add_argument("--teacher-size", type=int, nargs=2, default=[128, 3], metavar=("HIDDEN", "LAYERS"), help="random pair")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/lookahead.md"), help="markdown output ('' for none)")
@@ -137,9 +223,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         parser.error("--accelerator gpu needs CUDA, and torch.cuda.is_available() is False here")
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # called in-process (tests): leave the caller's setting
+
+
+def _run(args, argv: list[str] | None) -> list[dict]:
     device = "cuda" if args.accelerator == "gpu" else "cpu"
     sizes = (tuple(args.student_size), tuple(args.teacher_size))
+    if args.split:
+        for pair in args.pairs:
+            print(split_calls(pair, args.lookahead[0], args.rounds, args.batch_size, device, sizes if pair == "random" else None))
+        return []
+    if args.compaction:
+        print("| pair | lookahead | ms, finished rows kept | ms, finished rows dropped | ratio |\n|---|---:|---:|---:|---:|")
+        for pair in args.pairs:
+            print(compaction_ab(pair, args.lookahead[0], args.rounds, args.batch_size, device, sizes if pair == "random" else None))
+        return []
     rows = [
         row
         for pair in args.pairs
