@@ -111,14 +111,14 @@ def split_calls(pair: str, lookahead: int, rounds: int, batch_size: int, device:
 
     import torch
 
-    from trd_lightning import revision
+    from trd_lightning import revision, splice_decode
 
     with tempfile.TemporaryDirectory(prefix="trd_lookahead_") as tmp:
         module, problems = build_module(pair, tmp, batch_size, *(sizes or ()))
         module.to(device)
         student = module.model_for("student")
         spent, calls = collections.defaultdict(float), collections.Counter()
-        model_step = revision.model_step
+        model_step = splice_decode.model_step
 
         def timed(model, ids, mask, positions, cache, keep=1):
             start = time.perf_counter()
@@ -132,14 +132,14 @@ def split_calls(pair: str, lookahead: int, rounds: int, batch_size: int, device:
 
         reviser = revision.PrefixSpliceReviser(lookahead=lookahead)
         reviser.sample_revised(module, problems)  # warm-up
-        revision.model_step = timed
+        splice_decode.model_step = timed
         try:
             start = time.perf_counter()
             for _ in range(rounds):
                 reviser.sample_revised(module, problems)
             total = (time.perf_counter() - start) / rounds
         finally:
-            revision.model_step = model_step
+            splice_decode.model_step = model_step
     lines = [f"| {pair}, lookahead {lookahead} | calls per rollout | ms per call | ms per rollout |", "|---|---:|---:|---:|"]
     for what in sorted(spent):
         lines.append(f"| {what} | {calls[what] / rounds:.1f} | {1000 * spent[what] / calls[what]:.2f} | {1000 * spent[what] / rounds:.1f} |")

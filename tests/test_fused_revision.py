@@ -12,6 +12,7 @@ from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.callbacks import TrajectoryRevision
 from trd_lightning.decoding import Proposer
 from trd_lightning.revision import PrefixSpliceReviser, RewriteReviser, rows, top_p_mask
+from trd_lightning.splice_decode import SpliceDecode
 from trd_lightning.tasks import ArithmeticTask
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=12)
@@ -216,7 +217,8 @@ def test_speculative_decode_draws_exactly_from_the_restricted_teacher(tiny_paths
     prompt = tok(task.student_prompt(next(iter(task.problems("test")))), return_tensors="pt").input_ids[0]
     n = 4000
     ids, mask = prompt.repeat(n, 1), torch.ones(n, len(prompt), dtype=torch.long)
-    block, out_mask, *_ = reviser._decode(module, ids, mask, ids, mask, torch.full((n,), 2), torch.zeros(n, dtype=torch.long), None)
+    decode = SpliceDecode(reviser, module, ids, mask, ids, mask, torch.full((n,), 2), torch.zeros(n, dtype=torch.long), None)
+    block, out_mask, *_ = decode.run()
 
     # Exact: p0 at the prompt; p1 after every possible first token (one batched forward each).
     with torch.no_grad():

@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from trd_lightning.decoding import Proposer, model_step
+from trd_lightning.decoding import Proposer, top_p_mask
 from trd_lightning.models import check_compatible, load_causal_lm, load_tokenizer
 from trd_lightning.rollout import (
     Context,
@@ -32,9 +32,9 @@ from trd_lightning.rollout import (
     decode_responses,
     encode_prompts,
     left_pad,
-    positions_from_mask,
     sample_responses,
 )
+from trd_lightning.splice_decode import SpliceDecode
 
 Refine = Literal["all", "failed"]
 
@@ -339,9 +339,8 @@ class PrefixSpliceReviser(Reviser):
         propose = Proposer(sampling.generate_kwargs(), tok.eos_token_id)
         remaining = torch.full((len(problems),), self._budget(module), device=device)
         minimum = torch.full_like(remaining, propose.min_new_tokens)
-        block, mask, teacher_logits, t_star, empty, stats = self._decode(
-            module, s_ids, s_mask, t_ids, t_mask, remaining, minimum, propose
-        )
+        decode = SpliceDecode(self, module, s_ids, s_mask, t_ids, t_mask, remaining, minimum, propose)
+        block, mask, teacher_logits, t_star, empty, stats = decode.run()
         student_ctx = Context(torch.cat([s_ids, block], 1), torch.cat([s_mask, mask.long()], 1), s_ids.shape[1])
         if same_prompt:
             teacher_ctx = student_ctx
@@ -369,211 +368,7 @@ class PrefixSpliceReviser(Reviser):
         }
         return Rollout(list(problems), block, mask, student_ctx, teacher_ctx, info, teacher_logits=teacher_logits)
 
-    def _decode(
-        self, module, s_ids, s_mask, t_ids, t_mask, remaining: torch.Tensor, minimum: torch.Tensor, propose: Proposer | None
-    ):
-        """Decode both models from left-padded prompts, batched, speculatively.
-
-        With ``propose``, the student proposes each token and the first one the teacher disowns
-        starts the row's revision (fused form); without, every row revises from its first token
-        (the two-pass continuation). ``remaining``: each row's token budget; ``minimum``: how many
-        tokens each row draws before EOS is allowed (the rollout's ``min_new_tokens``, which binds
-        the restricted draws as it binds the proposals and a rewrite).
-
-        Each round the student drafts ``lookahead`` tokens per row (KV-cache steps) and the
-        teacher scores them all in one forward, instead of one teacher step per token. Per row,
-        in order: a proposal is kept while the teacher does not disown it, and a revising row's
-        draft (drawn from the student's top-p set) is kept by the speculative-sampling rule
-        (accept with probability ``min(1, p/q)``, else draw from ``max(0, p - q)``; Leviathan et
-        al., 2023), which leaves every token distributed exactly as a direct draw from ``p``, the
-        teacher restricted to the student's top-p set. The first rejected draft is replaced and
-        the rest of the row's drafts are dropped: their cache slots are masked out, so rows
-        advance at their own rate with no cache surgery.
-
-        Returns the block (pad after each row's end), its mask, the teacher logits before each
-        token, ``t*`` per row (``-1``: never revised), where the restricted set was empty, and
-        decode statistics; all normal tensors.
-        """
-        tok = module.tokenizer
-        teacher, student = module.model_for("teacher"), module.model_for("student")
-        device = s_ids.device
-        n, budget = len(remaining), int(remaining.max())
-        k_max = self.lookahead
-        arange_k, row_idx = torch.arange(k_max, device=device), torch.arange(n, device=device)
-        stats = {"rounds": 0, "drafted": 0, "accepted": 0}
-        # inference_mode skips autograd's bookkeeping on every small op of the decode; the outputs
-        # leave it through out-of-place ops below, which give normal tensors.
-        with torch.inference_mode():
-            # The last prompt token is not prefilled: it is the first input of round one, so every
-            # round starts the same way (one pending token per row that neither cache has seen).
-            s_pos = positions_from_mask(s_mask)[:, -1]
-            t_pos = positions_from_mask(t_mask)[:, -1]
-            s_pending, t_pending = s_ids[:, -1], t_ids[:, -1]
-            s_cache = t_cache = None
-            if s_ids.shape[1] > 1:
-                _, s_cache = model_step(student, s_ids[:, :-1], s_mask[:, :-1], positions_from_mask(s_mask[:, :-1]), None)
-            if t_ids.shape[1] > 1:
-                _, t_cache = model_step(teacher, t_ids[:, :-1], t_mask[:, :-1], positions_from_mask(t_mask[:, :-1]), None)
-            # Cache slots after the prompt, preallocated: every round adds k per row, and a live row
-            # emits at least one token per round, so budget * k slots always suffice.
-            slots = s_mask.new_zeros(n, budget * k_max)
-            s_width, t_width = s_ids.shape[1] - 1, t_ids.shape[1] - 1
-            s_full = torch.cat([s_mask[:, :-1], slots], 1)
-            t_full = torch.cat([t_mask[:, :-1], slots], 1)
-            # Outputs, written at each row's own offset; k spare columns take the drafts a round
-            # drops past a row's end. Zeros, not empty: positions past a row's end stay finite.
-            ids = s_ids.new_full((n, budget + k_max), tok.pad_token_id)
-            empties = torch.zeros((n, budget + k_max), dtype=torch.bool, device=device)
-            length = torch.zeros(n, dtype=torch.long, device=device)
-            t_star = torch.full((n,), -1 if propose is not None else 0, dtype=torch.long, device=device)
-            revising = torch.full((n,), propose is None, dtype=torch.bool, device=device)
-            done = torch.zeros(n, dtype=torch.bool, device=device)
-            teacher_logits = None
-            used = 0
-            eos_vocab = None  # [V] bool, built once V is known
-            # Finished rows leave the batch (both caches included) once a quarter of it is done:
-            # a forward costs less with fewer rows, and rollout lengths vary a lot. The per-row
-            # state below then covers the live rows only; `orig` maps them to the output rows.
-            orig = row_idx
-            length_out, t_star_out = length.clone(), t_star.clone()
-
-            def early_eos(k):  # [n, k, V]: EOS where a row has not drawn its minimum yet
-                return ((length.unsqueeze(1) + arange_k[:k]) < minimum.unsqueeze(1)).unsqueeze(-1) & eos_vocab
-
-            # Host-side, refreshed by one sync per round.
-            any_proposing, any_revising, left = propose is not None, propose is None, budget
-            any_early = bool((minimum > 0).any())
-            while True:
-                k = min(k_max, left)
-                live = (~done).long().unsqueeze(1)
-                s_full[:, s_width + used : s_width + used + k] = live
-                t_full[:, t_width + used : t_width + used + k] = live
-                # --- the student drafts k tokens ------------------------------------------------
-                drafts, student_logits, draft_weights = [], [], []
-                token = s_pending
-                for j in range(k):
-                    logits, s_cache = model_step(
-                        student, token.unsqueeze(1), s_full[:, : s_width + used + j + 1], (s_pos + j).unsqueeze(1), s_cache
-                    )
-                    logits = logits[:, -1]
-                    if eos_vocab is None:
-                        eos_vocab = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
-                        eos_vocab[tok.eos_token_id] = True
-                    if any_revising:  # q: the student restricted to its top-p set (unnormalised)
-                        draft_logits = logits.float()
-                        if any_early:  # as generate's min_new_tokens: EOS out first, then the top-p set
-                            draft_logits = draft_logits.masked_fill((length + j < minimum).unsqueeze(-1) & eos_vocab, float("-inf"))
-                        student_p = draft_logits.softmax(-1)
-                        weights = student_p * top_p_support(student_p, self.student_top_p)
-                        draft_weights.append(weights)
-                        token = torch.multinomial(weights, 1).squeeze(-1)
-                    if any_proposing:
-                        proposal = propose(logits, length + j)
-                        token = torch.where(revising, token, proposal) if any_revising else proposal
-                    drafts.append(token)
-                    student_logits.append(logits)
-                d = torch.stack(drafts, 1)  # [n, k]
-                if draft_weights:
-                    q_w = torch.stack(draft_weights, 1)  # [n, k, V]
-                else:  # no row was revising: q only bounds a switching row's replacement, built once
-                    draft_logits = torch.stack(student_logits, 1).float()
-                    if any_early:
-                        draft_logits = draft_logits.masked_fill(early_eos(k), float("-inf"))
-                    student_p = draft_logits.softmax(-1)
-                    q_w = student_p * top_p_support(student_p, self.student_top_p)
-                support = q_w > 0
-                # --- the teacher scores them in one forward --------------------------------------
-                t_in = torch.cat([t_pending.unsqueeze(1), d[:, :-1]], 1)
-                t_logits, t_cache = model_step(
-                    teacher, t_in, t_full[:, : t_width + used + k], t_pos.unsqueeze(1) + arange_k[:k], t_cache, keep=k
-                )
-                if teacher_logits is None:
-                    with torch.inference_mode(False):  # normal tensor: the loss reads it
-                        teacher_logits = torch.zeros(
-                            (n, budget + k_max, t_logits.shape[-1]), dtype=t_logits.dtype, device=device
-                        )
-                t_logp = t_logits.float().log_softmax(-1)
-                p_w, empty = self._restricted(t_logits, t_logp, support, q_w, early_eos(k) if any_early else None)
-                if any_revising:  # speculative acceptance, P = min(1, p/q), without normalising [n, k, V]
-                    p_d, q_d = p_w.gather(-1, d.unsqueeze(-1)).squeeze(-1), q_w.gather(-1, d.unsqueeze(-1)).squeeze(-1)
-                    accepted = torch.rand_like(q_d) * q_d * p_w.sum(-1) < p_d * q_w.sum(-1)
-                if any_proposing:
-                    undisowned = ~self.disowned(t_logp, d)
-                if any_revising and any_proposing:
-                    kept = torch.where(revising.unsqueeze(1), accepted, undisowned)
-                else:
-                    kept = accepted if any_revising else undisowned
-                rejected = ~kept
-                first = torch.where(rejected.any(1), rejected.int().argmax(1), torch.full_like(length, k))
-                at = first.clamp(max=k - 1)
-                # The replacement at the first rejection: a disowned proposal is redrawn from p, a
-                # rejected draft from the residual max(0, p - q) (p itself where that is empty).
-                p_at = p_w[row_idx, at]
-                weights = p_at
-                if any_revising:
-                    q_at = q_w[row_idx, at]
-                    residual = (p_at / p_at.sum(-1, keepdim=True) - q_at / q_at.sum(-1, keepdim=True)).clamp(min=0)
-                    weights = torch.where((revising & (residual.sum(-1) > 0)).unsqueeze(1), residual, p_at)
-                replaced = torch.multinomial(weights, 1).squeeze(-1)
-                out = d.scatter(1, at.unsqueeze(1), torch.where(first < k, replaced, d[row_idx, at]).unsqueeze(1))
-                emit = torch.where(first < k, first + 1, first)
-                # Cut at the first EOS and at each row's budget; rows already done emit nothing.
-                eos_hit = (out == tok.eos_token_id) & (arange_k[:k] < emit.unsqueeze(1))
-                emit = torch.where(eos_hit.any(1), eos_hit.float().argmax(1) + 1, emit)
-                emit = torch.minimum(emit, remaining - length).masked_fill(done, 0)
-                switched = ~revising & ~done & (first < emit)
-                t_star = torch.where(switched, length + first, t_star)
-                # A draw from p happened at every emitted position of a revising row and at the
-                # switching row's replacement.
-                drew = (revising & ~done).unsqueeze(1) | (switched.unsqueeze(1) & (arange_k[:k] == first.unsqueeze(1)))
-                where, out_rows = length.unsqueeze(1) + arange_k[:k], orig.unsqueeze(1)
-                ids[out_rows, where] = out
-                empties[out_rows, where] = empty & drew
-                teacher_logits[out_rows, where] = t_logits
-                # Slots of dropped drafts are masked out of both caches for every later round.
-                valid = (arange_k[:k] < emit.unsqueeze(1)).long()
-                s_full[:, s_width + used : s_width + used + k] = valid
-                t_full[:, t_width + used : t_width + used + k] = valid
-                last = out.gather(1, (emit - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-                s_pending = t_pending = last
-                s_pos, t_pos = s_pos + emit, t_pos + emit
-                used += k
-                stats["rounds"] += 1
-                drafted = (~done).sum() * k
-                accepted = torch.minimum(first, emit).masked_fill(done, 0).sum()
-                length = length + emit
-                done = done | eos_hit.any(1) | (length >= remaining)
-                revising = revising | switched
-                state = torch.stack(
-                    [done.all(), (~done & ~revising).any(), (~done & revising).any(),
-                     (remaining - length).masked_fill(done, 0).max(), drafted, accepted, (~done & (length < minimum)).any(),
-                     (~done).sum()]
-                ).tolist()
-                finished, any_proposing, any_revising, left = bool(state[0]), bool(state[1]), bool(state[2]), int(state[3])
-                any_early = bool(state[6])
-                stats["drafted"] += int(state[4])
-                stats["accepted"] += int(state[5])
-                if finished:
-                    break
-                if state[7] <= 0.75 * len(orig) and all(hasattr(c, "batch_select_indices") for c in (s_cache, t_cache)):
-                    keep = (~done).nonzero().squeeze(1)
-                    length_out[orig], t_star_out[orig] = length, t_star
-                    orig = orig[keep]
-                    s_cache.batch_select_indices(keep)
-                    t_cache.batch_select_indices(keep)
-                    s_full, t_full, s_pos, t_pos = s_full[keep], t_full[keep], s_pos[keep], t_pos[keep]
-                    s_pending, t_pending = s_pending[keep], t_pending[keep]
-                    length, remaining, minimum = length[keep], remaining[keep], minimum[keep]
-                    t_star, revising, done = t_star[keep], revising[keep], done[keep]
-                    row_idx = torch.arange(len(keep), device=device)
-                    stats["compactions"] = stats.get("compactions", 0) + 1
-            length_out[orig], t_star_out[orig] = length, t_star
-        width = int(length_out.max())
-        mask = torch.arange(width, device=device) < length_out.unsqueeze(1)
-        block = ids[:, :width].masked_fill(~mask, tok.pad_token_id)
-        return block, mask, teacher_logits[:, :width], t_star_out.clone(), empties[:, :width], stats
-
-    def _restricted(self, t_logits, t_logp, support, student_w, early_eos=None):
+    def restricted_target(self, t_logits, t_logp, support, student_w, early_eos=None):
         """The restricted target ``p`` (unnormalised) and where its set was empty (the fallback drew
         instead). ``early_eos``: where EOS is not allowed yet; the teacher's distribution is taken
         without it (``support`` and ``student_w`` come without it already)."""
@@ -636,23 +431,11 @@ class PrefixSpliceReviser(Reviser):
         pad = module.tokenizer.pad_token_id
         t_ctx = _prefix_context(rollout.teacher, idx, keep, pad)
         s_ctx = _prefix_context(rollout.student, idx, keep, pad)
-        block, mask, teacher_logits, _, empty, _ = self._decode(
-            module, s_ctx.input_ids, s_ctx.attention_mask, t_ctx.input_ids, t_ctx.attention_mask, remaining, minimum, None
+        decode = SpliceDecode(
+            self, module, s_ctx.input_ids, s_ctx.attention_mask, t_ctx.input_ids, t_ctx.attention_mask, remaining, minimum, None
         )
+        block, mask, teacher_logits, _, empty, _ = decode.run()
         return [r[m] for r, m in zip(block, mask)], teacher_logits, _fallback_rate(empty, mask)
-
-
-def top_p_mask(logp: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Boolean mask of the smallest set of tokens whose mass reaches ``top_p`` (at least one)."""
-    return top_p_support(logp.exp(), top_p)
-
-
-def top_p_support(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """`top_p_mask` from probabilities (the decode has them already)."""
-    sorted_p, order = probs.sort(-1, descending=True)
-    # Keep a token while the mass *before* it is below top_p: the first token always (0 < top_p).
-    keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
-    return torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
 def _prefix_context(ctx: Context, idx: torch.Tensor, keep: list[torch.Tensor], pad: int) -> Context:
