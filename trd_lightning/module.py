@@ -196,7 +196,7 @@ class DistillationModule(LightningModule):
         response, mask = sample_responses(
             self.student, self.tokenizer, prompt_ids, prompt_mask, self.sampling, synced_gpus=self._synced_gpus()
         )
-        student = Context(torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask.long()], 1), prompt_ids.shape[1])
+        student = Context.joined(prompt_ids, prompt_mask, response, mask)
         teacher_prompts = [self.teacher_prompt(p) for p in problems]
         # OPD: the teacher reads the student's own context, so it is not tokenized and laid out twice.
         teacher = student if teacher_prompts == student_prompts else build_context(

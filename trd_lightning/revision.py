@@ -233,9 +233,9 @@ class PrefixSpliceReviser(Reviser):
 
     * **fused** (``fused=True``; the default when ``refine="all"``): the revision happens while the
       rollout is sampled. Each student token is checked by the teacher before the row goes on,
-      and the first disowned one is replaced and starts the restricted continuation. A row is therefore decoded once, not sampled to the end and then partly
-      decoded again, and the teacher logits the loss needs were computed along the way (no
-      separate teacher forward). ``y_o`` past ``t*`` never exists, so the statistics that compare
+      and the first disowned one is replaced and starts the restricted continuation. A row is
+      therefore decoded once, not sampled to the end and then partly decoded again, and the
+      teacher logits the loss needs were computed along the way (no separate teacher forward). ``y_o`` past ``t*`` never exists, so the statistics that compare
       it with ``y_r`` (fail->pass, accuracy and length before) are not logged. Needs a module
       that samples through `fused_reviser` (`DistillationModule` does; `TrajectoryRevision` wires
       it) and falls back to the two-pass form elsewhere.
@@ -341,11 +341,8 @@ class PrefixSpliceReviser(Reviser):
         minimum = torch.full_like(remaining, propose.min_new_tokens)
         decode = SpliceDecode(self, module, s_ids, s_mask, t_ids, t_mask, remaining, minimum, propose)
         block, mask, teacher_logits, t_star, empty, stats = decode.run()
-        student_ctx = Context(torch.cat([s_ids, block], 1), torch.cat([s_mask, mask.long()], 1), s_ids.shape[1])
-        if same_prompt:
-            teacher_ctx = student_ctx
-        else:
-            teacher_ctx = Context(torch.cat([t_ids, block], 1), torch.cat([t_mask, mask.long()], 1), t_ids.shape[1])
+        student_ctx = Context.joined(s_ids, s_mask, block, mask)
+        teacher_ctx = student_ctx if same_prompt else Context.joined(t_ids, t_mask, block, mask)
         lengths = mask.sum(-1)
         revised = t_star >= 0
         # Positions drawn from the restricted distribution: t* and after, up to each row's end.
@@ -424,9 +421,9 @@ class PrefixSpliceReviser(Reviser):
     ):
         """Decode the continuations of the selected rows (both models, batched), from their kept prefixes.
 
-        ``remaining``, ``minimum``: each row's token budget and its tokens before EOS. Returns the continuations (EOS included where one
-        was drawn within budget), the teacher's logits before each of their tokens
-        ([rows, steps, V]) and the fallback rate.
+        ``remaining``, ``minimum``: each row's token budget and its tokens before EOS. Returns the
+        continuations (EOS included where one was drawn within budget), the teacher's logits
+        before each of their tokens ([rows, steps, V]) and the fallback rate.
         """
         pad = module.tokenizer.pad_token_id
         t_ctx = _prefix_context(rollout.teacher, idx, keep, pad)

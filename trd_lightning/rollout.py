@@ -55,6 +55,15 @@ class Context:
     attention_mask: torch.Tensor
     prompt_width: int
 
+    @classmethod
+    def joined(cls, prompt_ids, prompt_mask, response_ids, response_mask) -> Context:
+        """``[prompt | response]``, with the prompt's width recorded."""
+        return cls(
+            input_ids=torch.cat([prompt_ids, response_ids], 1),
+            attention_mask=torch.cat([prompt_mask, response_mask.long()], 1),
+            prompt_width=prompt_ids.shape[1],
+        )
+
     @property
     def position_ids(self) -> torch.Tensor:
         return positions_from_mask(self.attention_mask)
@@ -202,11 +211,7 @@ def build_context(
     max_prompt_length: int | None = None,
 ) -> Context:
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, response_ids.device, max_prompt_length)
-    return Context(
-        input_ids=torch.cat([prompt_ids, response_ids], 1),
-        attention_mask=torch.cat([prompt_mask, response_mask.long()], 1),
-        prompt_width=prompt_ids.shape[1],
-    )
+    return Context.joined(prompt_ids, prompt_mask, response_ids, response_mask)
 
 
 def response_logits(model: torch.nn.Module, context: Context) -> torch.Tensor:

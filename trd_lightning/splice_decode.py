@@ -87,9 +87,10 @@ class SpliceDecode:
             while True:
                 k = min(self.k_max, self.left)
                 self._set_slots(k, (~self.rows.done).long().unsqueeze(1))
-                drafts, q_w = self._draft(k)
+                early = self._early(k) if self.any_early else None
+                drafts, q_w = self._draft(k, early)
                 t_logits = self._score(drafts, k)
-                out, first, emit, empty, switched = self._judge(drafts, q_w, t_logits, k)
+                out, first, emit, empty, switched = self._judge(drafts, q_w, t_logits, k, early)
                 drafted, kept = self._commit(out, first, emit, empty, switched, t_logits, k)
                 if self._sync(drafted, kept):
                     break
@@ -148,10 +149,10 @@ class SpliceDecode:
         rows.s_mask[:, self.s_width + used : self.s_width + used + k] = values
         rows.t_mask[:, self.t_width + used : self.t_width + used + k] = values
 
-    def _early_eos(self, k: int) -> torch.Tensor:
-        """[rows, k, V]: EOS where a row has not drawn its minimum yet."""
+    def _early(self, k: int) -> torch.Tensor:
+        """[rows, k]: the draft positions where a row has not drawn its minimum yet (no EOS there)."""
         rows = self.rows
-        return ((rows.length.unsqueeze(1) + self.arange_k[:k]) < rows.minimum.unsqueeze(1)).unsqueeze(-1) & self.eos_vocab
+        return (rows.length.unsqueeze(1) + self.arange_k[:k]) < rows.minimum.unsqueeze(1)
 
     def _student_q(self, logits: torch.Tensor, early_eos: torch.Tensor | None) -> torch.Tensor:
         """``q``, unnormalised: the student restricted to its top-p set. As generate's
@@ -162,7 +163,7 @@ class SpliceDecode:
         student_p = logits.softmax(-1)
         return student_p * top_p_support(student_p, self.reviser.student_top_p)
 
-    def _draft(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draft(self, k: int, early: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The student's k drafts per row ([rows, k]) and ``q`` at each ([rows, k, V])."""
         rows = self.rows
         drafts, logits_seen, weights_seen = [], [], []
@@ -180,8 +181,7 @@ class SpliceDecode:
                 self.eos_vocab = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.device)
                 self.eos_vocab[self.tok.eos_token_id] = True
             if self.any_revising:
-                early = (rows.length + j < rows.minimum).unsqueeze(-1) & self.eos_vocab if self.any_early else None
-                weights_seen.append(self._student_q(logits, early))
+                weights_seen.append(self._student_q(logits, None if early is None else early[:, j, None] & self.eos_vocab))
                 token = torch.multinomial(weights_seen[-1], 1).squeeze(-1)
             if self.any_proposing:
                 proposal = self.propose(logits, rows.length + j)
@@ -191,7 +191,7 @@ class SpliceDecode:
         if weights_seen:
             q_w = torch.stack(weights_seen, 1)
         else:  # no row was revising: q only bounds a switching row's replacement, built once
-            q_w = self._student_q(torch.stack(logits_seen, 1), self._early_eos(k) if self.any_early else None)
+            q_w = self._student_q(torch.stack(logits_seen, 1), None if early is None else early.unsqueeze(-1) & self.eos_vocab)
         return torch.stack(drafts, 1), q_w
 
     def _score(self, drafts: torch.Tensor, k: int) -> torch.Tensor:
@@ -211,7 +211,7 @@ class SpliceDecode:
                 self.teacher_logits = torch.zeros(shape, dtype=t_logits.dtype, device=self.device)
         return t_logits
 
-    def _judge(self, drafts, q_w, t_logits, k):
+    def _judge(self, drafts, q_w, t_logits, k, early):
         """Which drafts each row keeps, and the token that replaces the first one it does not.
 
         Returns the row's tokens this round (drafts, the replacement at the first rejection),
@@ -222,7 +222,8 @@ class SpliceDecode:
         rows, reviser = self.rows, self.reviser
         row_idx = torch.arange(len(rows.done), device=self.device)
         t_logp = t_logits.float().log_softmax(-1)
-        p_w, empty = reviser.restricted_target(t_logits, t_logp, q_w > 0, q_w, self._early_eos(k) if self.any_early else None)
+        early_eos = None if early is None else early.unsqueeze(-1) & self.eos_vocab
+        p_w, empty = reviser.restricted_target(t_logits, t_logp, q_w > 0, q_w, early_eos)
         if self.any_revising:  # P(keep) = min(1, p/q), without normalising [rows, k, V]
             p_d, q_d = p_w.gather(-1, drafts.unsqueeze(-1)).squeeze(-1), q_w.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
             accepted = torch.rand_like(q_d) * q_d * p_w.sum(-1) < p_d * q_w.sum(-1)
