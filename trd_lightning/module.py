@@ -21,6 +21,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
+from trd_lightning.engines import make_engine
 from trd_lightning.lora import apply_lora, is_lora, trainable_parameter_names
 from trd_lightning.losses import LOSSES, compute_loss
 from trd_lightning.models import (
@@ -38,7 +39,6 @@ from trd_lightning.rollout import (
     decode_responses,
     encode_prompts,
     response_logits,
-    sample_responses,
 )
 from trd_lightning.resume import rng_states, set_rng_states
 from trd_lightning.sharding import configure_sharding
@@ -73,6 +73,10 @@ class DistillationModule(LightningModule):
         student_dtype / teacher_dtype: load dtype (``bfloat16``, ``float16``, ``float32``).
         nonfinite: what a NaN/inf training loss does: ``skip`` the update (counted in
             ``train/skipped_nonfinite``) or ``raise``, after saving the batch to the run folder.
+        rollout_engine: what samples rollouts, rewrites and Pass@k (`trd_lightning.engines`):
+            ``hf`` (``generate``), ``hf_continuous`` (transformers' continuous batching) or
+            ``vllm`` (optional extra; weights synced from the student before each rollout).
+        rollout_engine_kwargs: that engine's arguments (vllm: ``{kwargs: {gpu_memory_utilization: 0.3}}``).
     """
 
     def __init__(
@@ -94,6 +98,8 @@ class DistillationModule(LightningModule):
         student_dtype: str | None = None,
         teacher_dtype: str | None = None,
         nonfinite: Literal["skip", "raise"] = "skip",
+        rollout_engine: Literal["hf", "hf_continuous", "vllm"] = "hf",
+        rollout_engine_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["task", "optimizer", "lr_scheduler"])
@@ -132,6 +138,8 @@ class DistillationModule(LightningModule):
         else:
             self.teacher = None  # live: the student itself plays the teacher under no_grad
         self._check_context_length()
+        self.engine = make_engine(rollout_engine, rollout_engine_kwargs)
+        self.engine.check(self.student, self._tokenizer, self.sampling)  # vLLM missing or the architecture unsupported: now
         self.nonfinite = nonfinite
         self.skipped_nonfinite = 0  # training state: checkpointed
         self._discard_grads = False
@@ -166,7 +174,7 @@ class DistillationModule(LightningModule):
 
     def sample(self, prompts, *, role="student", sampling=None, num_return_sequences=1):
         ids, mask = encode_prompts(self.tokenizer, prompts, self.device, self.max_prompt_length)
-        return sample_responses(
+        return self.engine.generate(
             self.model_for(role),
             self.tokenizer,
             ids,
@@ -193,7 +201,7 @@ class DistillationModule(LightningModule):
         start = time.perf_counter()
         student_prompts = [self.task.student_prompt(p) for p in problems]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, student_prompts, self.device, self.max_prompt_length)
-        response, mask = sample_responses(
+        response, mask = self.engine.generate(
             self.student, self.tokenizer, prompt_ids, prompt_mask, self.sampling, synced_gpus=self._synced_gpus()
         )
         student = Context.joined(prompt_ids, prompt_mask, response, mask)

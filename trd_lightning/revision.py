@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from trd_lightning.decoding import Proposer, top_p_mask
+from trd_lightning.engines import HFEngine
 from trd_lightning.models import check_compatible, load_causal_lm, load_tokenizer
 from trd_lightning.rollout import (
     Context,
@@ -32,7 +33,6 @@ from trd_lightning.rollout import (
     decode_responses,
     encode_prompts,
     left_pad,
-    sample_responses,
 )
 from trd_lightning.splice_decode import SpliceDecode
 
@@ -179,14 +179,16 @@ class RewriteReviser(Reviser):
                     "the task puts into c_r (e.g. ArithmeticTask(max_attempt_chars=...)) or set max_context_tokens"
                 )
             refiner_logits = None
+            # The module's rollout engine writes y_r too (a protocol-only module: generate).
+            engine = getattr(module, "engine", None) or HFEngine()
             if self._refiner is not None:
                 ids, mask = encode_prompts(tok, prompts, module.device)
-                out, out_mask = sample_responses(self._refiner, tok, ids, mask, sampling)
-            elif self._refiner_is_teacher(module) and len(picked) == len(originals):
+                out, out_mask = engine.generate(self._refiner, tok, ids, mask, sampling)
+            elif engine.returns_logits and self._refiner_is_teacher(module) and len(picked) == len(originals):
                 # The teacher scores y_r under c_r, which is what the refiner (the same model)
                 # just generated from: keep generate's logits instead of a second forward.
                 ids, mask = encode_prompts(tok, prompts, module.device, getattr(module, "max_prompt_length", None))
-                out, out_mask, refiner_logits = sample_responses(
+                out, out_mask, refiner_logits = engine.generate(
                     module.model_for("refiner"), tok, ids, mask, sampling, synced_gpus=synced, return_logits=True
                 )
             else:
