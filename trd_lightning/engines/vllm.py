@@ -97,7 +97,10 @@ def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
         lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
     prefix = "base_model.model." if lora_layers else ""
-    for name, param in model.named_parameters():
+    # Tied parameters under every name (``lm_head.weight`` and the embedding): vLLM's layerwise
+    # reload finalises each layer from what it received, and a tied head given nothing is left
+    # with its dummy weights (the logits came out uniform).
+    for name, param in model.named_parameters(remove_duplicate=False):
         owner, _, leaf = name.rpartition(".")
         if lora_layers and ".lora_" in f".{name}":
             continue
