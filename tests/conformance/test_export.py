@@ -123,3 +123,29 @@ def test_trd_export_subcommand(parts, tmp_path, capsys):
     assert_hf_folder(tmp_path / "hf", parts["gpt2-llama"], "chatml_nopad")
     with pytest.raises(FileExistsError, match="not empty"):
         build_cli(["export", "-c", config, f"--ckpt_path={ckpt}", f"--output_dir={tmp_path / 'hf'}"])
+
+
+@pytest.mark.slow
+def test_export_consolidates_a_sharded_fsdp2_checkpoint(tiny_paths, tmp_path):
+    """Two gloo processes train with FSDP2 and save a sharded checkpoint; the export (one process)
+    holds exactly the weights torch's own DCP converter reads from the shards."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from tests.fsdp_fit import launch
+    from trd_lightning import DistillationModule
+
+    launch(tmp_path / "run", tiny_paths["student"], tiny_paths["teacher"], "--state-dict", "sharded", world_size=2)
+    ckpt = tmp_path / "run" / "model.ckpt"
+    assert ckpt.is_dir()
+    dcp_to_torch_save(ckpt, tmp_path / "reference.pt")
+    reference = torch.load(tmp_path / "reference.pt", weights_only=False)["state_dict"]
+    out = export_student(DistillationModule(student=tiny_paths["student"], teacher=tiny_paths["teacher"]), ckpt, tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(tiny_paths["student"]).state_dict()
+    expected = {k[len("student."):]: v for k, v in reference.items() if k.startswith("student.")}
+    assert set(expected) <= set(exported)
+    changed = 0
+    for name, value in expected.items():
+        torch.testing.assert_close(exported[name], value.to(exported[name].dtype), atol=0, rtol=0)
+        changed += not torch.equal(value, initial[name])
+    assert changed > 0  # the fit moved the weights, so equality with the shards is not equality with the start
