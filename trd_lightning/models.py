@@ -90,6 +90,10 @@ def load_causal_lm(
 
         kwargs.update(bitsandbytes_config(**quantization))
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization:
+        from trd_lightning.quantization import probe_quantized_model
+
+        probe_quantized_model(model, 4 if quantization.get("load_in_4bit") else 8)
     if trainable:
         model.train()
     else:
