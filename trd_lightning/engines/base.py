@@ -86,16 +86,6 @@ def response_block(
     return (ids, mask, lp.masked_fill(~mask.cpu(), 0.0).to(device)) if logprobs is not None else (ids, mask)
 
 
-def default_stop_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The model's full set of stop ids (see `trd_lightning.rollout.stop_token_ids`)."""
-    from trd_lightning import rollout
-
-    helper = getattr(rollout, "stop_token_ids", None)
-    if helper is not None:
-        return helper(model, tokenizer)
-    return [tokenizer.eos_token_id]
-
-
 def sampling_law(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """The distribution a correct sampler draws from, from raw logits ``[..., V]``: softmax at the
     temperature, then top-k, then the smallest top-p set (ties broken as sorted), renormalised.

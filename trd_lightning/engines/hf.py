@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedTokenizerBase
 
-from trd_lightning.engines.base import RolloutEngine, default_stop_ids, prompt_rows, response_block
-from trd_lightning.rollout import Sampling, sample_responses
+from trd_lightning.engines.base import RolloutEngine, prompt_rows, response_block
+from trd_lightning.rollout import Sampling, eval_mode, sample_responses, stop_token_ids
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -29,11 +29,9 @@ class HFEngine(RolloutEngine):
 
     def generate(self, model, tokenizer, prompt_ids, prompt_mask, sampling, *, num_return_sequences=1,
                  synced_gpus=False, stop_ids=None, return_logprobs=False, return_logits=False, **extra):
-        if stop_ids is not None:
-            extra["stop_ids"] = stop_ids
         out = sample_responses(
             model, tokenizer, prompt_ids, prompt_mask, sampling, num_return_sequences=num_return_sequences,
-            synced_gpus=synced_gpus, return_logits=return_logits or return_logprobs, **extra,
+            synced_gpus=synced_gpus, return_logits=return_logits or return_logprobs, stop_ids=stop_ids, **extra,
         )
         if not return_logprobs:
             return out if return_logits else out[:2]
@@ -96,7 +94,7 @@ class HFContinuousEngine(RolloutEngine):
             raise NotImplementedError("rollout_engine='hf_continuous' does not run sharded (synced_gpus); use 'hf' or 'vllm'")
         if extra:
             raise TypeError(f"rollout_engine='hf_continuous' does not take {sorted(extra)}")
-        stop_ids = default_stop_ids(model, tokenizer) if stop_ids is None else stop_ids
+        stop_ids = stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids
         rows = prompt_rows(prompt_ids, prompt_mask)
         kwargs = sampling.generate_kwargs()
         if return_logprobs and kwargs["do_sample"] and (sampling.temperature != 1 or sampling.top_p < 1 or sampling.top_k):
@@ -115,17 +113,11 @@ class HFContinuousEngine(RolloutEngine):
             pad_token_id=tokenizer.pad_token_id,
         )
         cb_config = ContinuousBatchingConfig(**{"return_logprobs": return_logprobs, **self._sized(rows, num_return_sequences, sampling), **self.config})
-        was_training = [(m, m.training) for m in model.modules()]
-        model.eval()  # sample the policy with dropout off, as generate's callers do
-        try:
-            # generate_batch decodes in a worker thread, which takes the caller's inference mode.
-            with torch.inference_mode():
-                results = model.generate_batch(
-                    rows, generation_config=config, continuous_batching_config=cb_config, progress_bar=False, warmup=False
-                )
-        finally:
-            for m, training in was_training:
-                m.training = training
+        # Sampled with dropout off, like generate; the worker thread takes the caller's inference mode.
+        with torch.inference_mode(), eval_mode(model):
+            results = model.generate_batch(
+                rows, generation_config=config, continuous_batching_config=cb_config, progress_bar=False, warmup=False
+            )
         outputs = list(results.values())
         if len(outputs) != len(rows) * num_return_sequences or any(o.error is not None for o in outputs):
             errors = sorted({str(o.error) for o in outputs if o.error is not None})

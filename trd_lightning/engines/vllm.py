@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from trd_lightning.engines.base import RolloutEngine, default_stop_ids, prompt_rows, response_block
-from trd_lightning.rollout import Sampling
+from trd_lightning.engines.base import RolloutEngine, prompt_rows, response_block
+from trd_lightning.rollout import Sampling, stop_token_ids
 
 # In-process engine (colocated: the sync hands it tensors, not pickles, and no spawned process
 # needs a __main__ guard); on the CPU build, no thread pinning of the training process and a
@@ -215,7 +215,7 @@ class VLLMEngine(RolloutEngine):
             raise TypeError(f"rollout_engine='vllm' does not take {sorted(extra)}")
         from vllm import SamplingParams
 
-        stop_ids = default_stop_ids(model, tokenizer) if stop_ids is None else stop_ids
+        stop_ids = stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids
         kwargs = sampling.generate_kwargs()
         rows = prompt_rows(prompt_ids, prompt_mask)
         # Seeds from torch's generator: torch.manual_seed makes rollouts reproducible, as for generate.
