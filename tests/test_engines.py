@@ -72,7 +72,7 @@ def test_continuous_batching_greedy_equals_generate(student):
     want = HFEngine().generate(model, tok, ids, mask, greedy, stop_ids=stops)
     got = HFContinuousEngine().generate(model, tok, ids, mask, greedy, stop_ids=stops, num_return_sequences=1)
     assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
-    assert int(got[1][0].sum()) == 4  # stopped at the extra stop id, inclusive
+    assert int(got[1][0].sum()) == int((first[0] == stops[1]).nonzero()[0]) + 1 <= 4  # stopped at its first occurrence
 
 
 def test_continuous_batching_leaves_the_model_as_it_was(student):
