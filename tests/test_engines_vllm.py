@@ -153,3 +153,33 @@ def test_unsupported_architecture_is_refused_before_compute(tmp_path, tokenizer)
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"architecture \['XGLMForCausalLM'\] is not one vLLM"):
         DistillationModule(student=str(tmp_path), mode="opsd", task=ArithmeticTask(val_size=8, test_size=8), rollout_engine="vllm")
+
+
+def test_cli_fit_then_test_with_vllm_reproduces_logged_numbers(tmp_path, monkeypatch):
+    """``trd fit -c configs/arith/opd.yaml --model.init_args.rollout_engine vllm`` trains (rollouts and
+    Pass@k through vLLM); ``trd test --ckpt_path`` on a fresh engine repeats the logged numbers
+    (weights pushed from the loaded checkpoint, seeded sampling)."""
+    from pathlib import Path
+
+    from trd_lightning.callbacks import PassAtKEvaluation
+    from trd_lightning.cli import build_cli
+
+    opd = str(Path(__file__).resolve().parents[1] / "configs" / "arith" / "opd.yaml")
+    monkeypatch.chdir(tmp_path)
+    small = [
+        "--model.init_args.rollout_engine=vllm",
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=3",
+        "--trainer.enable_progress_bar=false",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.eval_batch_size=16",
+        "--data.init_args.task.init_args.val_size=16",
+        "--data.init_args.task.init_args.test_size=16",
+    ]
+    fit = build_cli(["fit", "-c", opd, *small])
+    assert fit.model.engine.name == "vllm" and fit.model.engine.syncs >= 3  # a push after every update
+    logged = next(cb for cb in fit.trainer.callbacks if isinstance(cb, PassAtKEvaluation)).last
+    fit.model.engine.close()
+    again = build_cli(["test", "-c", opd, *small, f"--ckpt_path={tmp_path / 'checkpoints' / 'arith' / 'opd' / 'last.ckpt'}"])
+    repeated = next(cb for cb in again.trainer.callbacks if isinstance(cb, PassAtKEvaluation)).last
+    assert set(logged) == {"test/avg@16", "test/pass@1", "test/pass@8"} and repeated == logged

@@ -18,7 +18,9 @@ class PassAtKEvaluation(Callback):
     Works with any LightningModule that implements `trd_lightning.protocol.RolloutModel`
     (``task``, ``tokenizer``, ``sample``). Sampling is seeded per batch inside a forked RNG, so the
     numbers are reproducible (``trd test --ckpt_path`` repeats what fit logged) and the training RNG
-    stream is left untouched.
+    stream is left untouched. Samples go through ``module.sample``, so they come from the module's
+    rollout engine (``rollout_engine: vllm`` evaluates with vLLM; its request seeds are drawn from
+    the same seeded generator).
 
     Args:
         n: samples per problem (paper: 16).

@@ -171,6 +171,12 @@ class VLLMEngine(RolloutEngine):
     def _build(self, model: torch.nn.Module):
         vllm = import_vllm()
         inner = base_model(model)
+        if getattr(inner, "is_quantized", False):
+            # The sync pushes plain tensors into an unquantized engine; bitsandbytes weights are not those.
+            raise ValueError(
+                f"rollout_engine='vllm' cannot serve the quantized {type(inner).__name__} (teacher_quantization): "
+                "sample it with rollout_engine='hf', or drop teacher_quantization"
+            )
         folder = Path(tempfile.mkdtemp(prefix="trd_vllm_"))
         # Only the architecture is read from disk; the weights come from the sync (dummy load).
         inner.config.save_pretrained(folder)
