@@ -6,7 +6,7 @@
 Same work for every engine: the same student (the shipped 1.1M-parameter arithmetic student, and
 a 25M-parameter Llama built from config with the arithmetic tokenizer), the same 64 prompts, and
 exactly ``--new-tokens`` sampled tokens per row at temperature 1, fp32 (stopping is switched off:
-``min_new_tokens`` for generate, no stop ids for the request-based engines; each engine's token
+``min_new_tokens`` for generate and vLLM, no stop ids for continuous batching; each engine's token
 count is checked before its numbers are printed). A *step* is one OPD step as the module runs
 it: the engine's rollout (for vLLM including the weight push that follows every update), a
 teacher forward without grad, the student's forward and backward (reverse KL), one AdamW step.
@@ -57,9 +57,9 @@ def build_student(size: str, tokenizer, folder: str) -> torch.nn.Module:
 
 def forced(engine_name: str, new_tokens: int, tokenizer) -> dict:
     """How each engine is made to sample exactly ``new_tokens`` tokens per row."""
-    if engine_name == "hf":
-        return {"min_new_tokens": new_tokens, "stop_ids": [tokenizer.eos_token_id]}
-    return {"stop_ids": []}
+    if engine_name == "hf_continuous":  # it has no min_new_tokens
+        return {"stop_ids": []}
+    return {"min_new_tokens": new_tokens, "stop_ids": [tokenizer.eos_token_id]}
 
 
 def rollout(engine, name, model, tok, ids, mask, sampling, new_tokens):
@@ -113,8 +113,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--law-samples", type=int, default=4000)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine more threads wait on each other)")
     parser.add_argument("--out", default=None, help="also write the tables to this markdown file")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     tok = build_arithmetic_tokenizer()
     names, missing = available(args.engines)
@@ -126,7 +128,7 @@ def main() -> None:
     lines = [
         f"`python benchmarks/rollout_engines.py {' '.join(os.sys.argv[1:])}`, {datetime.datetime.now():%Y-%m-%d %H:%M}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; "
-        f"torch {torch.__version__}, transformers {transformers.__version__}"
+        f"{args.threads} torch thread(s), torch {torch.__version__}, transformers {transformers.__version__}"
         + (f", vllm {__import__('vllm').__version__}" if "vllm" in names else "")
         + f"; {args.rows} rows x {args.new_tokens} forced tokens, temperature 1, fp32, median of {args.rounds} rounds after {args.warmup} warm-up",
         "",

@@ -217,6 +217,7 @@ class VLLMEngine(RolloutEngine):
 
     def generate(self, model, tokenizer, prompt_ids, prompt_mask, sampling, *, num_return_sequences=1,
                  synced_gpus=False, stop_ids=None, return_logprobs=False, **extra):
+        min_new_tokens = extra.pop("min_new_tokens", None)  # as generate takes it (the benchmark forces lengths)
         if extra:
             raise TypeError(f"rollout_engine='vllm' does not take {sorted(extra)}")
         from vllm import SamplingParams
@@ -233,7 +234,7 @@ class VLLMEngine(RolloutEngine):
                 top_p=kwargs.get("top_p") or 1.0,
                 top_k=kwargs.get("top_k") or 0,
                 max_tokens=kwargs["max_new_tokens"],
-                min_tokens=kwargs.get("min_new_tokens") or 0,
+                min_tokens=min_new_tokens or kwargs.get("min_new_tokens") or 0,
                 stop_token_ids=list(stop_ids),
                 logprobs=0 if return_logprobs else None,
                 seed=seed,
