@@ -223,7 +223,7 @@ class RewriteReviser(Reviser):
                 self._warned_cut = True
                 warnings.warn(
                     f"{cut['rows']} of {len(prompts)} refinement contexts exceeded {limit} tokens: their attempts lost "
-                    f"{cut['tokens']} tokens at the end (the problem{' and reference' if privileged else ''} are kept whole); "
+                    f"{cut['tokens']} tokens at the end (the problem{' and the reference stay' if privileged else ' stays'} whole); "
                     "later cuts are counted in revision/attempts_cut and revision/attempt_tokens_cut",
                     stacklevel=2,
                 )
