@@ -190,6 +190,23 @@ def _check_same_chat_template(student_tokenizer: PreTrainedTokenizerBase, teache
         )
 
 
+def position_limit(model: torch.nn.Module | None) -> int | None:
+    """The longest sequence (prompt + response) a model was built for, if its config says
+    (``max_position_embeddings``; GPT-2's ``n_positions`` answers to that name too)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def check_same_stop_ids(student_stop_ids: list[int], teacher_stop_ids: list[int]) -> None:
+    """Student and teacher must end a response at the same tokens: the teacher scores (and, in TRD,
+    writes) the student's responses, whose end is decided by one set of stop ids."""
+    if set(student_stop_ids) != set(teacher_stop_ids):
+        raise ValueError(
+            f"student and teacher end responses at different tokens: student stop ids {sorted(student_stop_ids)}, "
+            f"teacher stop ids {sorted(teacher_stop_ids)} (generation_config.eos_token_id plus the tokenizer's EOS); "
+            "save both generation_config.json files with the same eos_token_id list"
+        )
+
+
 def check_model_matches_tokenizer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, role: str) -> None:
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
     if vocab is not None and vocab < len(tokenizer):
