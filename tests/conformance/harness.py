@@ -176,7 +176,9 @@ def check_stops(recorder: Recorder, stop: set[int], budget: int) -> None:
 
 
 def decoded_teacher_contexts(tokenizer, rollout) -> list[str]:
-    return [tokenizer.decode(row_tokens(rollout.teacher, i)[: rollout.teacher.prompt_width].tolist()) for i in range(len(rollout.problems))]
+    """Each row's teacher prompt (``c`` or ``c_r``) as text, padding dropped."""
+    ctx, width = rollout.teacher, rollout.teacher.prompt_width
+    return [tokenizer.decode(ctx.input_ids[i, :width][ctx.attention_mask[i, :width].bool()].tolist()) for i in range(len(rollout.problems))]
 
 
 def write_config(path: Path, parts: dict, pair: str, *, model: dict | None = None, trainer: dict | None = None,
