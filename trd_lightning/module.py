@@ -48,7 +48,7 @@ from trd_lightning.rollout import (
 )
 from trd_lightning.resume import rng_states, set_rng_states
 from trd_lightning.sharding import configure_sharding
-from trd_lightning.tasks.base import Task
+from trd_lightning.tasks.base import Task, problem_record
 
 # `sampling` is a hyperparameter, so it is pickled into every checkpoint, and Lightning resumes
 # with torch.load(weights_only=True): without this, `trd fit --ckpt_path` cannot read its own file.
@@ -300,7 +300,8 @@ class DistillationModule(LightningModule):
         ids, mask = self.sample(prompts)
         texts = decode_responses(self.tokenizer, ids, mask)
         return [
-            {"problem": p, "prompt": q, "response": r, "verified": bool(self.task.verify(p, r))}
+            # A plain record, not the task's object: Lightning walks (and rebuilds) what predict returns.
+            {"problem": problem_record(p), "prompt": q, "response": r, "verified": bool(self.task.verify(p, r))}
             for p, q, r in zip(batch["problems"], prompts, texts)
         ]
 

@@ -184,7 +184,6 @@ def test_student_samples_in_eval_mode_and_updates_in_train_mode(parts, reviser):
     assert rec.sampling_modes and not any(rec.sampling_modes)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 7: GPT-2 LoRA on c_attn (Conv1D) is refused")
 def test_gpt2_lora_on_c_attn(parts):
     module, dm = h.build(parts, "gpt2-llama", student_lora={"r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]})
     rec = h.fit(module, dm)
