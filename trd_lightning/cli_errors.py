@@ -96,3 +96,17 @@ class SuggestingArgumentParser(LightningArgumentParser):
         if hints:
             message = message.rstrip() + "\n" + "\n".join(f"hint: {h}" for h in hints)
         return super().error(message, ex)
+
+
+_UNION = "Does not validate against any of the Union subtypes"
+
+
+def unwrap_union_error(error: BaseException) -> BaseException:
+    """The constructor's own exception inside jsonargparse's "Does not validate against any of the
+    Union subtypes ... Given value: Namespace(...)" wrapper (which chains the first subtype's error
+    as its cause), so the user reads the real message first, with its type."""
+    seen = set()
+    while _UNION in str(error) and isinstance(error.__cause__, BaseException) and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__
+    return error

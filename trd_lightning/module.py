@@ -115,16 +115,16 @@ class DistillationModule(LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
 
         # Everything that can fail on bad input runs here, before a single forward pass.
-        self._tokenizer = load_tokenizer(student)
+        self._tokenizer = load_tokenizer(student, role="student")
         self._check_loss_kwargs()
-        self.student = load_causal_lm(student, dtype=student_dtype, trainable=True)
+        self.student = load_causal_lm(student, dtype=student_dtype, trainable=True, role="student")
         if student_lora:
             # Before the OPSD teacher copy below, so an EMA teacher pairs with the student 1:1.
             self.student = apply_lora(self.student, student_lora)
         check_model_matches_tokenizer(self.student, self._tokenizer, "student")
         if mode == "opd":
-            check_compatible(self._tokenizer, load_tokenizer(teacher))
-            self.teacher = load_causal_lm(teacher, dtype=teacher_dtype, quantization=teacher_quantization, trainable=False)
+            check_compatible(self._tokenizer, load_tokenizer(teacher, role="teacher"))
+            self.teacher = load_causal_lm(teacher, dtype=teacher_dtype, quantization=teacher_quantization, trainable=False, role="teacher")
             check_model_matches_tokenizer(self.teacher, self._tokenizer, "teacher")
             self._check_same_logit_width()
         elif opsd_teacher in ("frozen", "ema"):
