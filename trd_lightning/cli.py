@@ -18,6 +18,7 @@ What ``trd`` adds to LightningCLI, all for reliability (docs/reliability.md):
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -28,7 +29,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from trd_lightning.audit import AuditOptions, audit_with_trainer
 from trd_lightning.callbacks.preemption import PreemptionCheckpoint
 from trd_lightning.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
-from trd_lightning.cli_errors import SuggestingArgumentParser, unwrap_union_error
+from trd_lightning.cli_errors import SuggestingArgumentParser, check_config_files, unwrap_union_error
 from trd_lightning import run_config
 
 
@@ -151,6 +152,36 @@ def _instantiate_data_before_model(parser) -> None:
         actions.insert(model, actions.pop(data))
 
 
+_NULLS = ("null", "Null", "NULL", "~")
+
+
+def nested_nulls_as_objects(args: list[str]) -> list[str]:
+    """jsonargparse 4.53 hands a value two class levels down (``--data.init_args.task.init_args.X``)
+    to the inner parser as ``f"--X={value}"``, so a ``null`` arrives as the string ``'None'``
+    (a system turn that says "None"). The same assignment written as an object for the outer key
+    (``--data '{"init_args": {"task": {"init_args": {"X": null}}}}'``) merges like the original
+    and keeps the null."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        key, value, width = None, None, 1
+        if arg.startswith("--") and arg.count(".init_args.") >= 2:
+            if "=" in arg:
+                key, value = arg[2:].split("=", 1)
+            elif i + 1 < len(args):
+                key, value, width = arg[2:], args[i + 1], 2
+        if key is not None and value in _NULLS and key.split(".", 1)[0] in ("model", "data"):
+            top, *rest = key.split(".")
+            nested: object = None
+            for part in reversed(rest):
+                nested = {part: nested}
+            out += [f"--{top}", json.dumps(nested)]
+        else:
+            out += args[i : i + width]
+        i += width
+    return out
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> TRDCli:
     """The CLI object (``run=False`` in notebooks: parse a config, get ``cli.model``/``cli.trainer``).
 
@@ -159,6 +190,12 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TRDCli:
     """
     if not run and args and args[0] in TRDCli.subcommands():
         args = args[1:]
+    if args is None:
+        sys.argv[1:] = nested_nulls_as_objects(sys.argv[1:])
+    else:
+        args = nested_nulls_as_objects(list(args))
+    with _before_compute():
+        check_config_files(sys.argv[1:] if args is None else [a for a in args if isinstance(a, str)])
     # auto_configure_optimizers would hand the teacher's parameters to the optimizer too: modules
     # take an `optimizer` callable instead and build it from the student's parameters.
     return TRDCli(
