@@ -36,6 +36,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read (missing, truncated, not a Lightning checkpoint)."""
 
 
+def _is_local(path) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(get_filesystem(path), LocalFileSystem)
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -102,12 +108,21 @@ def _others_hint(path: Path) -> str:
     return f" (others in {str(path.parent)!r}: {', '.join(others)})" if others else ""
 
 
+def _os_error_in(error: BaseException) -> OSError | None:
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """`TorchCheckpointIO` with a same-folder temporary file, fsync and rename (see the module doc)."""
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if storage_options is not None or get_filesystem(path).protocol not in ("file", ("file", "local")):
+        if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)  # remote stores: Lightning's path
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,9 +134,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             os.replace(tmp, path)
             _fsync_dir(path.parent)
-        except BaseException as e:
+        except BaseException as error:
             tmp.unlink(missing_ok=True)
-            if not isinstance(e, OSError):
+            e = _os_error_in(error)  # torch's zip writer re-raises ENOSPC as a RuntimeError
+            if e is None:
                 raise
             good = newest_loadable_checkpoint(path.parent, exclude=path)
             where = (
@@ -134,10 +150,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 e.errno,
                 f"could not write checkpoint {str(path)!r}: {reason}; nothing was left under that name and {where}; "
                 "free space (or point the checkpoint folder elsewhere) and resume with --ckpt_path",
-            ) from e
+            ) from error
 
     @override
     def load_checkpoint(self, path, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None) -> dict:
-        if get_filesystem(path).protocol not in ("file", ("file", "local")):
+        if not _is_local(path):
             return super().load_checkpoint(path, map_location, weights_only)
         return load_checkpoint_file(path, map_location=map_location, weights_only=weights_only)

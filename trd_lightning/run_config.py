@@ -263,10 +263,30 @@ def check_before_models(cfg, subcommand: str | None) -> None:
     if isinstance(vci, (int, float)) and not isinstance(vci, bool) and vci <= 0:
         _fail("trainer.val_check_interval", f"must be > 0, got {vci}",
               "give a number of training steps (int) or a fraction of an epoch in (0, 1]; to skip validation set trainer.limit_val_batches: 0")
+    if subcommand in (None, "fit"):
+        for what, folder in _configured_folders(trainer):
+            _check_writable(what, folder)
     data_args = (d.get("data") or {}).get("init_args") or {}
     ebs = data_args.get("eval_batch_size")
     if isinstance(ebs, int) and ebs < 1:
         _fail("data.init_args.eval_batch_size", f"must be >= 1, got {ebs}", "or null to use batch_size")
+
+
+def _configured_folders(trainer: dict) -> list[tuple[str, Path]]:
+    """The folders a fit writes to, read from the config (before any object exists)."""
+    folders = []
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if isinstance(logger, dict):
+            args = logger.get("init_args") or {}
+            if args.get("save_dir"):
+                folders.append(("the logger's save_dir", Path(str(args["save_dir"]))))
+    for cb in trainer.get("callbacks") or []:
+        if isinstance(cb, dict) and (cb.get("init_args") or {}).get("dirpath"):
+            folders.append((f"{str(cb.get('class_path')).rsplit('.', 1)[-1]} dirpath", Path(str(cb["init_args"]["dirpath"]))))
+    if trainer.get("default_root_dir"):
+        folders.append(("trainer.default_root_dir", Path(str(trainer["default_root_dir"]))))
+    return folders
 
 
 def check_data(cfg, subcommand: str | None) -> None:
@@ -316,7 +336,7 @@ def reserve_logger_versions(loggers) -> None:
         if getattr(logger, "_version", 0) is not None or not hasattr(logger, "_get_next_version"):
             continue
         root = Path(logger.root_dir)
-        root.mkdir(parents=True, exist_ok=True)
+        _check_writable("the logger's folder", root)
         for _ in range(1000):
             version = logger._get_next_version()
             try:
