@@ -354,3 +354,70 @@ def test_config_with_more_layers_than_the_weights_is_refused(tmp_path, tiny_path
     (more / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"the student weights in '.*more' \(model.safetensors\) do not match its config.json"):
         DistillationModule(student=str(more), teacher=tiny_paths["teacher"])
+
+
+# --- accepted although meaningless: refused at construction ------------------------------------
+def test_meaningless_settings_are_refused_at_construction(tiny_paths):
+    from trd_lightning.callbacks import PassAtKEvaluation
+    from trd_lightning.revision import PrefixSpliceReviser
+    from trd_lightning.tasks import ArithmeticTask
+
+    for value in (0, -3):
+        with pytest.raises(ValueError, match=rf"max_new_tokens must be >= 1 \(or null for the module's sampling budget\), got {value}"):
+            PrefixSpliceReviser(max_new_tokens=value)
+    with pytest.raises(ValueError, match=r"min_mass is a probability mass and must be in \[0, 1\], got 1.5"):
+        PrefixSpliceReviser(min_mass=1.5)
+    with pytest.raises(ValueError, match=r"role must be 'student', 'teacher' or 'refiner', got 'techer'"):
+        PassAtKEvaluation(n=2, ks=[1], role="techer")
+    with pytest.raises(ValueError, match=r"val_size must be >= 0 \(0: no val problems\), got -1"):
+        ArithmeticTask(val_size=-1)
+    for value in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0 \(0 is greedy\)"):
+            Sampling(temperature=value)
+    with pytest.raises(ValueError, match=r"loss_kwargs.clip must be > 0 \(a per-token divergence cap\), got -0.1"):
+        DistillationModule(student=tiny_paths["student"], teacher=tiny_paths["teacher"], loss="forward_kl", loss_kwargs={"clip": -0.1})
+    with pytest.raises(ValueError, match=r"eval_batch_size must be >= 1 \(or null to use batch_size\), got 0"):
+        PromptDataModule(ArithmeticTask(), eval_batch_size=0)
+
+
+# --- bad data files ----------------------------------------------------------------------------
+def _rows(*rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+ROW = {"problem": "1+1?", "solution": "so \\boxed{2}", "answer": "2"}
+
+
+def test_bad_math_data_is_named_with_file_and_line(tmp_path):
+    from trd_lightning.tasks.math import MathTask
+
+    def first_problems(name: str, content: bytes | str):
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return MathTask(train_file=str(path)).problems("train")
+
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: not UTF-8 text \(byte 13"):
+        first_problems("bad.jsonl", _rows(ROW).encode() + b'{"problem": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"array.jsonl looks like a JSON array; a .jsonl file holds one JSON object per line"):
+        first_problems("array.jsonl", json.dumps([ROW, ROW], indent=1))
+    with pytest.raises(ValueError, match=r"array1.jsonl holds a JSON array"):
+        first_problems("array1.jsonl", json.dumps([ROW, ROW]))
+    with pytest.raises(ValueError, match=r"dup.jsonl, line 1: field 'answer' appears twice; keep one"):
+        first_problems("dup.jsonl", '{"problem": "p", "solution": "s", "answer": "1", "answer": "2"}\n')
+    with pytest.raises(ValueError, match=r"list.jsonl, line 2: field 'answer' is a list \(\['1', '2'\]\); it must be text or a number"):
+        first_problems("list.jsonl", _rows(ROW, {**ROW, "answer": ["1", "2"]}))
+    with pytest.raises(ValueError, match=r"fake.parquet is not a readable parquet file .*write it with pandas/datasets to_parquet, or use .jsonl"):
+        first_problems("fake.parquet", _rows(ROW))
+    assert [p.answer for p in first_problems("mixed.jsonl", _rows(ROW, {**ROW, "answer": 3}))] == ["2", "3"]
+
+
+def test_a_data_file_replaced_with_the_same_mtime_is_read_again(tmp_path):
+    from trd_lightning.tasks.math import MathTask
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(_rows(ROW))
+    stamp = path.stat().st_mtime_ns
+    assert MathTask(train_file=str(path)).problems("train")[0].answer == "2"
+    path.write_text(_rows({**ROW, "answer": "7"}))  # same length, same mtime
+    os.utime(path, ns=(stamp, stamp))
+    assert MathTask(train_file=str(path)).problems("train")[0].answer == "7"

@@ -412,6 +412,10 @@ class DistillationModule(LightningModule):
 
     def _check_loss_kwargs(self) -> None:
         """Fail on a misspelled loss argument now, not after the first rollout."""
+        clip = self.loss_kwargs.get("clip")
+        if clip is not None and not clip > 0:
+            # clamp(max=clip) with clip <= 0 makes every position a constant: nothing is learned
+            raise ValueError(f"loss_kwargs.clip must be > 0 (a per-token divergence cap), got {clip}; or null for no clip")
         logits = torch.zeros(1, 1, 2)
         try:
             compute_loss(self.loss_name, logits, logits, torch.ones(1, 1, dtype=torch.bool), tokens=torch.zeros(1, 1, dtype=torch.long), **self.loss_kwargs)
