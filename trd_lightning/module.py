@@ -137,17 +137,17 @@ class DistillationModule(LightningModule):
         if student_dtype in _HALF_DTYPES and not student_lora:
             raise ValueError(half_precision_weights_message(f"student_dtype: {student_dtype}"))
         # Everything that can fail on bad input runs here, before a single forward pass.
-        self._tokenizer = load_tokenizer(student)
+        self._tokenizer = load_tokenizer(student, role="student")
         self._check_loss_kwargs()
-        self.student = load_causal_lm(student, dtype=student_dtype, trainable=True)
+        self.student = load_causal_lm(student, dtype=student_dtype, trainable=True, role="student")
         if student_lora:
             # Before the OPSD teacher copy below, so an EMA teacher pairs with the student 1:1.
             self.student = apply_lora(self.student, student_lora)
         check_model_matches_tokenizer(self.student, self._tokenizer, "student")
         if mode == "opd":
-            self._teacher_tokenizer = load_tokenizer(teacher)
+            self._teacher_tokenizer = load_tokenizer(teacher, role="teacher")
             check_compatible(self._tokenizer, self._teacher_tokenizer)
-            self.teacher = load_causal_lm(teacher, dtype=teacher_dtype, quantization=teacher_quantization, trainable=False)
+            self.teacher = load_causal_lm(teacher, dtype=teacher_dtype, quantization=teacher_quantization, trainable=False, role="teacher")
             check_model_matches_tokenizer(self.teacher, self._tokenizer, "teacher")
             self._check_same_logit_width()
         elif opsd_teacher in ("frozen", "ema"):
@@ -531,6 +531,10 @@ class DistillationModule(LightningModule):
 
     def _check_loss_kwargs(self) -> None:
         """Fail on a misspelled loss argument now, not after the first rollout."""
+        clip = self.loss_kwargs.get("clip")
+        if clip is not None and not clip > 0:
+            # clamp(max=clip) with clip <= 0 makes every position a constant: nothing is learned
+            raise ValueError(f"loss_kwargs.clip must be > 0 (a per-token divergence cap), got {clip}; or null for no clip")
         logits = torch.zeros(1, 1, 2)
         try:
             compute_loss(self.loss_name, logits, logits, torch.ones(1, 1, dtype=torch.bool), tokens=torch.zeros(1, 1, dtype=torch.long), **self.loss_kwargs)
