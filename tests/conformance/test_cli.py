@@ -35,7 +35,8 @@ def fitted(parts, tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     config = h.write_config(root / "cfg.yaml", parts, "llama-qwen2", model={"student_lora": LORA}, callbacks=[PASS_AT_K])
     cli = build_cli(["fit", "-c", config, "--test_after_fit=true"])
-    return {"root": root, "config": config, "ckpt": root / "ckpt" / "last.ckpt", "logged": pass_at_k(cli), "fit": cli}
+    return {"root": root, "config": config, "ckpt": root / "ckpt" / "last.ckpt", "logged": pass_at_k(cli),
+            "test_loss": float(cli.trainer.callback_metrics["test/loss"])}
 
 
 @pytest.mark.slow
@@ -43,6 +44,7 @@ def test_test_from_checkpoint_repeats_the_numbers_fit_logged(fitted):
     assert set(fitted["logged"]) == {"test/avg@2", "test/pass@1", "test/pass@2"}
     again = build_cli(["test", "-c", fitted["config"], f"--ckpt_path={fitted['ckpt']}"])
     assert pass_at_k(again) == fitted["logged"]
+    assert float(again.trainer.callback_metrics["test/loss"]) == fitted["test_loss"]  # eval rollouts are seeded
     assert is_lora(again.model.student)
 
 

@@ -53,7 +53,7 @@ def assert_hf_folder(folder, pair_paths, layout):
     assert sorted(gen if isinstance(gen, list) else [gen]) == sorted(stop_ids(original, layout))
 
 
-@pytest.mark.parametrize("pair", ["llama-qwen2", "gemma-gemma"])
+@pytest.mark.parametrize("pair", ["llama-qwen2", pytest.param("gemma-gemma", marks=pytest.mark.slow)])
 def test_dense_export_loads_with_from_pretrained_and_matches_the_trained_student(parts, tmp_path, pair):
     module, ckpt = trained(parts, pair, tmp_path)
     expected = logits_of(module.student, probe_ids(module.tokenizer))
@@ -70,6 +70,7 @@ def test_dense_export_loads_with_from_pretrained_and_matches_the_trained_student
     assert info["format"] == "full" and info["global_step"] == 2 and info["ckpt_path"] == str(ckpt)
 
 
+@pytest.mark.slow
 def test_lora_export_merged_and_adapter_only(parts, tmp_path):
     from peft import PeftModel
 
@@ -109,7 +110,8 @@ def test_export_refuses_a_non_empty_folder_and_keeps_it(parts, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folders left
 
 
-def test_trd_export_subcommand(parts, tmp_path, capsys):
+@pytest.mark.slow
+def test_trd_export_subcommand(parts, tmp_path):
     """`trd fit` then `trd export --ckpt_path ... --output_dir ...` from the same config."""
     config = write_config(tmp_path / "cfg.yaml", parts, "gpt2-llama", model={"loss": "forward_kl"})
     fit_cli = build_cli(["fit", "-c", config])
