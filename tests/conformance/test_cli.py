@@ -49,7 +49,6 @@ def test_test_from_checkpoint_repeats_the_numbers_fit_logged(fitted):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 12 item 13: `trd predict` on MathTask fails: predict_step returns the frozen MathProblem, which Lightning's apply_to_collection cannot rebuild (FrozenInstanceError)")
 def test_predict_writes_predictions_jsonl(fitted):
     build_cli(["predict", "-c", fitted["config"], f"--ckpt_path={fitted['ckpt']}"])
     found = [p for p in fitted["root"].rglob("*.jsonl") if "audit" not in p.relative_to(fitted["root"]).parts]
