@@ -1,8 +1,8 @@
 """The `trd` commands on real parts: `fit` then `test --ckpt_path`, `predict`, `audit`, and what
 happens to explicit arguments and to inputs that must be refused before compute.
 
-Cases that fail on main until their issue-12 fix lands are ``xfail(strict=True)``: they turn into
-errors once the fix merges, and the mark goes.
+Several cases are the issue-12 fixes (items 3, 4, 5, 6, 10, 12, 13), each failing on the code
+before its fix.
 """
 
 from __future__ import annotations
@@ -77,7 +77,6 @@ def honoured_or_refused(run, key: str, honoured) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 12 item 3: --ckpt_path silently overrides --model.init_args.student_lora null")
 def test_explicit_lora_null_next_to_ckpt_path(fitted):
     def honoured(cli):
         assert cli.model.hparams.student_lora is None and not is_lora(cli.model.student)
@@ -89,7 +88,6 @@ def test_explicit_lora_null_next_to_ckpt_path(fitted):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 12 item 3: --ckpt_path restores the old student path; a moved student cannot be re-pointed")
 def test_moved_student_can_be_repointed_next_to_ckpt_path(parts, tmp_path):
     student = shutil.copytree(parts["llama-qwen2"]["student"], tmp_path / "student")
     config = h.write_config(tmp_path / "cfg.yaml", parts, "llama-qwen2", model={"student": str(student)})
@@ -105,7 +103,6 @@ def test_moved_student_can_be_repointed_next_to_ckpt_path(parts, tmp_path):
     )
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 5: a CLI null under data.init_args.task.init_args.* arrives as the string 'None'")
 def test_cli_null_system_prompt_is_none(parts, tmp_path):
     config = h.write_config(tmp_path / "cfg.yaml", parts, "llama-qwen2", task={"system_prompt": "Be brief."})
     cli = build_cli(["fit", "-c", config, "--data.init_args.task.init_args.system_prompt=null"], run=False)
@@ -114,7 +111,6 @@ def test_cli_null_system_prompt_is_none(parts, tmp_path):
     assert "system" not in task.student_prompt(task.problems("train")[0])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 4: a student directory without tokenizer files is not named as the problem")
 def test_student_without_tokenizer_files_is_named(parts, tmp_path):
     bare = save_model(tmp_path / "bare_student", "llama", "chatml", seed=0, with_tokenizer=False)
     with pytest.raises((ValueError, FileNotFoundError, OSError)) as err:
