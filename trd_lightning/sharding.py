@@ -22,7 +22,6 @@ Decoder-layer classes are given by name and resolved against the model at ``conf
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,6 +31,7 @@ from typing import Literal
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: FSDP1 names mapped onto FSDP2's one knob: free the gathered weights after forward or keep them
@@ -42,8 +42,6 @@ SHARDING_STRATEGIES = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}
 #: ``auto`` = ``once`` when the gathered weights take at most ``AUTO_GATHER_SHARE`` of free memory.
 ROLLOUT_GATHER = ("auto", "once", "per_layer")
 AUTO_GATHER_SHARE = 0.5
-
-log = logging.getLogger(__name__)
 
 
 # --- resolving decoder layers ---------------------------------------------------------------
@@ -340,19 +338,15 @@ def _decide(module, models, policy: str, student_dtype) -> bool:
     fits = need <= AUTO_GATHER_SHARE * free
     once = agree_all(policy == "once" or (policy == "auto" and fits), device)
     parts = ", ".join(f"{r} {b / 2**20:.1f} MiB" for r, b in sizes.items())
+    how = "gather the sharded weights once" if once else "gather each layer in every forward"
     message = (
-        f"rollout_gather={policy}: rollouts {'gather the sharded weights once' if once else 'gather each layer in every forward'}"
-        f" (full weights per rank while gathered: {need / 2**20:.1f} MiB = {parts}; free on {device.type}: {free / 2**20:.0f} MiB"
-        + (f"; auto gathers once at most {AUTO_GATHER_SHARE:.0%} of it" if policy == "auto" else "") + ")"
+        f"rollout_gather={policy}: rollouts {how}; gathered once, the full weights take {need / 2**20:.1f} MiB per rank "
+        f"({parts}), free on {device.type}: {free / 2**20:.0f} MiB"
+        + (f" (auto gathers once up to {AUTO_GATHER_SHARE:.0%} of it)" if policy == "auto" else "")
     )
     if policy == "once" and not fits:
         message += " -- more than the auto limit: an out-of-memory error here means set rollout_gather: per_layer"
-    try:
-        from lightning.pytorch.utilities import rank_zero_info
-
-        rank_zero_info(message)
-    except Exception:  # pragma: no cover (logging must never break a rollout)
-        log.info(message)
+    rank_zero_info(message)
     return once
 
 

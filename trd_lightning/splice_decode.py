@@ -39,6 +39,13 @@ from trd_lightning.rollout import positions_from_mask
 from trd_lightning.sharding import is_sharded, rollout_weights
 
 
+def _no_grad(*models):
+    """``inference_mode``, or ``no_grad`` where a model is FSDP-sharded."""
+    if any(is_sharded(m) for m in models):
+        return torch.no_grad()
+    return torch.inference_mode()
+
+
 @dataclasses.dataclass
 class _Rows:
     """Per-row state of the rows still in the batch."""
@@ -90,8 +97,9 @@ class SpliceDecode:
         token, ``t*`` per row (``-1``: never revised), where the restricted set was empty, and
         decode statistics; all normal tensors."""
         # inference_mode skips autograd's bookkeeping on every small op; the outputs leave it
-        # through out-of-place ops, which give normal tensors.
-        with rollout_weights(self.module, ("student", "teacher")) as local, torch.inference_mode():
+        # through out-of-place ops, which give normal tensors. Not with sharded models: FSDP would
+        # allocate the gathered weights as inference tensors, which training then cannot refill.
+        with rollout_weights(self.module, ("student", "teacher")) as local, _no_grad(self.student, self.teacher):
             self._synced_with(local)
             self._start()
             live = True
@@ -128,7 +136,7 @@ class SpliceDecode:
         self.student, self.teacher = module.model_for("student"), module.model_for("teacher")
         self.device = module.device
         self.stats = {"rounds": 0, "drafted": 0, "accepted": 0}
-        with rollout_weights(module, ("student", "teacher")) as local, torch.inference_mode():
+        with rollout_weights(module, ("student", "teacher")) as local, _no_grad(self.student, self.teacher):
             self._synced_with(local)
             if not self.synced:
                 return
