@@ -119,7 +119,10 @@ def _worker(rank: int, world: int, port: int, config: dict, out: str) -> None:
         shard_model(module.student, ShardingPlan(), mesh)
         shard_model(module.teacher, ShardingPlan(), mesh, role="teacher")
         reviser = PrefixSpliceReviser(threshold=config["threshold"], lookahead=config["lookahead"])
-        two_pass = PrefixSpliceReviser(threshold=config["threshold"], lookahead=config["lookahead"], fused=False)
+        # idle_rank: a rank whose two-pass reviser finds no failed row (threshold ~0), so it decodes
+        # nothing itself and only joins the others' gathers or rounds (`SpliceDecode.join`).
+        idle = config.get("idle_rank") == rank
+        two_pass = PrefixSpliceReviser(threshold=1e-30 if idle else config["threshold"], lookahead=config["lookahead"], fused=False)
 
         # The two-pass form revises a fixed rollout: y_o from the single-process copy.
         torch.manual_seed(10_000 + rank)
@@ -171,6 +174,7 @@ def _worker(rank: int, world: int, port: int, config: dict, out: str) -> None:
                     "seconds": statistics.median(seconds), "gathers": gathers, "all_reduces": reduces,
                     "equal": equal, "peak_mib": max(peak) if gpu else None,
                     "tokens": int(got["mask"].sum()),
+                    "revised_rows": int((got["t_star"] >= 0).sum()) if "t_star" in got else None,
                 }  # fmt: skip
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -245,6 +249,7 @@ def main(argv=None) -> dict:
     p.add_argument("--lookahead", type=int, default=3)
     p.add_argument("--threshold", type=float, default=0.05)
     p.add_argument("--atol", type=float, default=1e-4, help="teacher logits: largest difference allowed from the 1-process decode")
+    p.add_argument("--idle-rank", type=int, default=None, help="this rank's two-pass reviser revises nothing (it only joins)")
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = p.parse_args(argv)
     config = {k: v for k, v in vars(args).items() if k != "out"}
