@@ -127,13 +127,15 @@ def _worker(rank: int, world: int, port: int, config: dict, out: str) -> None:
         # The two-pass form revises a fixed rollout: y_o from the single-process copy.
         torch.manual_seed(10_000 + rank)
         ids, mask = encode_prompts(module.tokenizer, [task.student_prompt(p) for p in problems], device)
-        y_o, y_mask = sample_responses(reference.student, module.tokenizer, ids, mask, sampling)
+        y_o, y_mask = sample_responses(reference.student, module.tokenizer, ids, mask, sampling, stop_ids=reference.stop_ids)
         base = Rollout(list(problems), y_o, y_mask, Context.joined(ids, mask, y_o, y_mask), Context.joined(ids, mask, y_o, y_mask))
 
         def rollout(m, method: str) -> dict:
             if method == "OPD":
                 with rollout_weights(m, ("student",)) as local:
-                    block, bmask = sample_responses(m.student, m.tokenizer, ids, mask, sampling, synced_gpus=world > 1 and not local)
+                    block, bmask = sample_responses(
+                        m.student, m.tokenizer, ids, mask, sampling, synced_gpus=world > 1 and not local, stop_ids=m.stop_ids
+                    )
                 return {"ids": block, "mask": bmask}
             r = reviser.sample_revised(m, problems) if method == "fused splice" else two_pass.revise(m, base)
             t_star = r.info["t_star_rows"]

@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from trd_lightning.audit import AuditOptions, audit_with_trainer
 from trd_lightning.cli_errors import SuggestingArgumentParser
+from trd_lightning.export import export_student
 
 
 class TRDTrainer(Trainer):
@@ -36,11 +37,32 @@ class TRDTrainer(Trainer):
         """
         return audit_with_trainer(self, model, datamodule, ckpt_path, audit)
 
+    def export(
+        self,
+        model: LightningModule,
+        output_dir: str,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        adapter_only: bool = False,
+        overwrite: bool = False,
+    ) -> str:
+        """Write the trained student as a Hugging Face folder (see `trd_lightning.export`).
+
+        Args:
+            output_dir: the folder to write (weights, config, generation config, tokenizer).
+            ckpt_path: the checkpoint of ``trd fit`` (a .ckpt file or a sharded FSDP2 folder).
+            adapter_only: with a LoRA student, write the peft adapter alone instead of merged weights.
+            overwrite: replace a non-empty ``output_dir``.
+        """
+        if not self.is_global_zero:
+            return str(output_dir)
+        return str(export_student(model, ckpt_path, output_dir, adapter_only=adapter_only, overwrite=overwrite))
+
 
 class TRDCli(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "audit": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "audit": {"model", "datamodule"}, "export": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(

@@ -90,6 +90,10 @@ def load_causal_lm(
 
         kwargs.update(bitsandbytes_config(**quantization))
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization:
+        from trd_lightning.quantization import probe_quantized_model
+
+        probe_quantized_model(model, 4 if quantization.get("load_in_4bit") else 8)
     if trainable:
         model.train()
     else:
@@ -187,6 +191,23 @@ def _check_same_chat_template(student_tokenizer: PreTrainedTokenizerBase, teache
             "student and teacher chat templates render a sample conversation differently, from character "
             f"{i}: student {s[max(0, i - 20): i + 40]!r} vs teacher {t[max(0, i - 20): i + 40]!r}; use a "
             "teacher from the student's model family or save both tokenizers with the same chat_template"
+        )
+
+
+def position_limit(model: torch.nn.Module | None) -> int | None:
+    """The longest sequence (prompt + response) a model was built for, if its config says
+    (``max_position_embeddings``; GPT-2's ``n_positions`` answers to that name too)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def check_same_stop_ids(student_stop_ids: list[int], teacher_stop_ids: list[int]) -> None:
+    """Student and teacher must end a response at the same tokens: the teacher scores (and, in TRD,
+    writes) the student's responses, whose end is decided by one set of stop ids."""
+    if set(student_stop_ids) != set(teacher_stop_ids):
+        raise ValueError(
+            f"student and teacher end responses at different tokens: student stop ids {sorted(student_stop_ids)}, "
+            f"teacher stop ids {sorted(teacher_stop_ids)} (generation_config.eos_token_id plus the tokenizer's EOS); "
+            "save both generation_config.json files with the same eos_token_id list"
         )
 
 

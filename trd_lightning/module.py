@@ -26,9 +26,11 @@ from trd_lightning.losses import LOSSES, compute_loss
 from trd_lightning.models import (
     check_compatible,
     check_model_matches_tokenizer,
+    check_same_stop_ids,
     freeze,
     load_causal_lm,
     load_tokenizer,
+    position_limit,
 )
 from trd_lightning.rollout import (
     Context,
@@ -37,8 +39,10 @@ from trd_lightning.rollout import (
     build_context,
     decode_responses,
     encode_prompts,
+    eval_mode,
     response_logits,
     sample_responses,
+    stop_token_ids,
 )
 from trd_lightning.resume import rng_states, set_rng_states
 from trd_lightning.sharding import configure_sharding, rollout_weights
@@ -132,6 +136,11 @@ class DistillationModule(LightningModule):
         else:
             self.teacher = None  # live: the student itself plays the teacher under no_grad
         self._check_context_length()
+        # Every id that ends a response (generation_config's EOS list and the tokenizer's EOS):
+        # rollouts, revisions and response masks stop at the first of them, as generate does.
+        self.stop_ids = stop_token_ids(self.student, self._tokenizer)
+        if mode == "opd":
+            check_same_stop_ids(self.stop_ids, stop_token_ids(self.teacher, self._tokenizer))
         self.nonfinite = nonfinite
         self.skipped_nonfinite = 0  # training state: checkpointed
         self._discard_grads = False
@@ -165,7 +174,9 @@ class DistillationModule(LightningModule):
         return self.task.privileged_prompt(problem) if self.mode == "opsd" else self.task.student_prompt(problem)
 
     def sample(self, prompts, *, role="student", sampling=None, num_return_sequences=1):
-        ids, mask = encode_prompts(self.tokenizer, prompts, self.device, self.max_prompt_length)
+        # max_prompt_length bounds x and c; a refinement context c_r has the reviser's own budget.
+        limit = None if role == "refiner" else self.max_prompt_length
+        ids, mask = encode_prompts(self.tokenizer, prompts, self.device, limit)
         return sample_responses(
             self.model_for(role),
             self.tokenizer,
@@ -174,13 +185,17 @@ class DistillationModule(LightningModule):
             sampling or self.sampling,
             num_return_sequences=num_return_sequences,
             synced_gpus=self._synced_gpus(),
+            stop_ids=self.stop_ids,
         )
 
     def score(self, context: Context, *, role: str) -> torch.Tensor:
         if role == "student":
             return response_logits(self.student, context)
-        with torch.no_grad():
-            return response_logits(self.model_for(role), context)
+        model = self.model_for(role)
+        # A live OPSD teacher is the student itself, in train mode for the update: its targets
+        # are computed with dropout off (a frozen teacher is in eval mode already).
+        with torch.no_grad(), eval_mode(model):
+            return response_logits(model, context)
 
     # --- rollouts ---------------------------------------------------------------------------
     def make_rollout(self, problems: list) -> Rollout:
@@ -195,7 +210,8 @@ class DistillationModule(LightningModule):
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, student_prompts, self.device, self.max_prompt_length)
         with rollout_weights(self, ("student",)) as local:  # FSDP2: gather once, if the strategy says so
             response, mask = sample_responses(
-                self.student, self.tokenizer, prompt_ids, prompt_mask, self.sampling, synced_gpus=self._synced_gpus() and not local
+                self.student, self.tokenizer, prompt_ids, prompt_mask, self.sampling,
+                synced_gpus=self._synced_gpus() and not local, stop_ids=self.stop_ids,
             )
         student = Context.joined(prompt_ids, prompt_mask, response, mask)
         teacher_prompts = [self.teacher_prompt(p) for p in problems]
@@ -397,15 +413,61 @@ class DistillationModule(LightningModule):
             return
         if self.max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1 (or None for no limit), got {self.max_prompt_length}")
-        need = self.max_prompt_length + self.sampling.max_new_tokens
+        self._check_fits(self.max_prompt_length, "max_prompt_length", "lower max_prompt_length or sampling.max_new_tokens")
+
+    def _check_fits(self, prompt_tokens: int, what: str, fix: str) -> None:
+        need = prompt_tokens + self.sampling.max_new_tokens
         for role, model in (("student", self.student), ("teacher", self.teacher)):
-            limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            limit = position_limit(model)
             if limit is not None and need > limit:
                 raise ValueError(
-                    f"max_prompt_length + sampling.max_new_tokens = {self.max_prompt_length} + "
-                    f"{self.sampling.max_new_tokens} = {need} exceeds the {role}'s max_position_embeddings "
-                    f"({limit}); lower max_prompt_length or sampling.max_new_tokens so they sum to at most {limit}"
+                    f"{what} + sampling.max_new_tokens = {prompt_tokens} + {self.sampling.max_new_tokens} = {need} "
+                    f"exceeds the {role}'s max_position_embeddings ({limit}); {fix} so they sum to at most {limit}"
                 )
+
+    #: Splits longer than this (tasks generated on the fly) are checked on their first problems
+    #: here and batch by batch afterwards (`encode_prompts` refuses an over-long prompt).
+    PREFLIGHT_PROBLEMS = 100_000
+
+    def setup(self, stage: str) -> None:
+        # Before any compute: every prompt the run will encode must fit its budget, since prompts
+        # are never cut (see `encode_prompts`), and a prompt past the positions would crash inside
+        # generate (absolute positions) or run past what the model was trained for.
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}.get(stage, ())
+        try:
+            task = self.task
+        except RuntimeError:
+            return  # no task yet: a module driven by hand checks nothing here
+        for split in splits:
+            self.check_prompt_lengths(task, split)
+
+    def check_prompt_lengths(self, task: Task, split: str) -> None:
+        """Refuse a split whose student or teacher prompts exceed ``max_prompt_length`` or, with the
+        response budget, the models' positions; the message counts them and names the longest."""
+        problems = task.problems(split)
+        problems = [problems[i] for i in range(min(len(problems), self.PREFLIGHT_PROBLEMS))]
+        if not problems:
+            return
+        views = {"student prompt": [task.student_prompt(p) for p in problems]}
+        if self.mode == "opsd":
+            views["teacher prompt (with the reference)"] = [self.teacher_prompt(p) for p in problems]
+        for what, prompts in views.items():
+            lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+            longest = max(range(len(lengths)), key=lengths.__getitem__)
+            where = f"the {split} split's longest {what} ({lengths[longest]} tokens, problem {longest}" + (
+                f", {problems[longest].source})" if hasattr(problems[longest], "source") else ")"
+            )
+            if self.max_prompt_length is not None:
+                over = sum(n > self.max_prompt_length for n in lengths)
+                if over:
+                    raise ValueError(
+                        f"{over} of {len(lengths)} {what}s of the {split} split exceed max_prompt_length="
+                        f"{self.max_prompt_length} tokens; {where}. Prompts are never cut (that would remove the problem "
+                        "or the reference): raise max_prompt_length (within the models' positions) or remove those "
+                        "problems from the data"
+                    )
+            else:
+                self._check_fits(lengths[longest], where, "set max_prompt_length and remove longer problems, or lower sampling.max_new_tokens,")
 
     def _synced_gpus(self) -> bool:
         # Sharded generation: every rank must keep stepping until all ranks finish.
