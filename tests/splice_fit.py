@@ -108,15 +108,25 @@ class RolloutCheck(Callback):
                 for p in model.parameters():
                     p.data = p.data.to(self.student_dtype)
 
+    @staticmethod
+    def _rng():
+        return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+    @staticmethod
+    def _set_rng(state) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1])
+
     def _checked(self, kind, real, expected):
-        start = torch.get_rng_state()
+        start = self._rng()
         got = real()
-        after = torch.get_rng_state()
+        after = self._rng()
         self._load_current_weights()
-        torch.set_rng_state(start)
+        self._set_rng(start)
         with torch.no_grad():
             want = expected()
-        torch.set_rng_state(after)
+        self._set_rng(after)
         record = {
             "kind": kind,
             "rows": int(got.response_ids.shape[0]),

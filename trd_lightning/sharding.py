@@ -15,6 +15,10 @@ YAML (``configs/fsdp.yaml``)::
         init_args: {decoder_layers: [Qwen3DecoderLayer], activation_checkpointing: true,
                     mixed_precision: bf16, sharding_strategy: FULL_SHARD, state_dict_type: sharded}
 
+HSDP: ``replicate_size: R`` (or ``nodes``) shards within groups of ``world_size / R`` processes and
+replicates across groups (a 2-D mesh for ``fully_shard``). Rollouts: ``rollout_gather`` says
+whether a rollout gathers the sharded weights once (`rollout_weights`) or per forward.
+
 Decoder-layer classes are given by name and resolved against the model at ``configure_model``
 (before any compute); a name the model does not have is an error listing the model's classes.
 """
