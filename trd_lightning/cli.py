@@ -9,10 +9,13 @@ from __future__ import annotations
 
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from trd_lightning.audit import AuditOptions, audit_with_trainer
+from trd_lightning.callbacks.predictions import PredictionWriter
 from trd_lightning.cli_errors import SuggestingArgumentParser
+from trd_lightning.progress import default_progress_bar
 from trd_lightning.export import export_student
 
 
@@ -60,6 +63,17 @@ class TRDTrainer(Trainer):
 
 
 class TRDCli(LightningCLI):
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        # The distillation progress bar (see trd_lightning.progress) unless the config brings its
+        # own bar or turns the bar off.
+        user = config.get("callbacks") or []
+        user = user if isinstance(user, list) else [user]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in [*user, *callbacks]):
+            callbacks = [*callbacks, default_progress_bar()]
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in [*user, *callbacks]):
+            callbacks = [*callbacks, PredictionWriter()]  # `trd predict` writes what it sampled
+        return super()._instantiate_trainer(config, callbacks)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "audit": {"model", "datamodule"}, "export": {"model", "datamodule"}}

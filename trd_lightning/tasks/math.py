@@ -255,16 +255,24 @@ class MathTask:
             self._problems[split] = [] if f is None else read_problems(f, self.keys, self.max_problems)
         return self._problems[split]
 
+    def messages(self, user: str) -> list[dict[str, str]]:
+        """The conversation of one user turn (with the system turn, when one is set)."""
+        return ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
+            {"role": "user", "content": user}
+        ]
+
+    def chat_messages(self, problem: MathProblem) -> list[dict[str, str]] | None:
+        """The conversation behind `student_prompt` (``None`` for plain-text prompts): what a
+        pre-flight check renders through the teacher's template too."""
+        return None if self.tokenizer_path is None else self.messages(f"{problem.problem}\n\n{self.instruction}")
+
     def render(self, user: str) -> str:
         """One user turn as the text right before the assistant's first token."""
         if self.tokenizer_path is None:
             system = f"{self.system_prompt}\n\n" if self.system_prompt else ""
             return f"{system}Problem: {user}\n\nSolution: "
-        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
-            {"role": "user", "content": user}
-        ]
         return self._load_tokenizer().apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs
+            self.messages(user), add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs
         )
 
     def student_prompt(self, problem: MathProblem) -> str:
