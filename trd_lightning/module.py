@@ -48,7 +48,7 @@ from trd_lightning.rollout import (
 )
 from trd_lightning.resume import rng_states, set_rng_states
 from trd_lightning.sharding import configure_sharding, rollout_weights
-from trd_lightning.tasks.base import Task
+from trd_lightning.tasks.base import Task, problem_record
 
 # `sampling` is a hyperparameter, so it is pickled into every checkpoint, and Lightning resumes
 # with torch.load(weights_only=True): without this, `trd fit --ckpt_path` cannot read its own file.
@@ -137,17 +137,17 @@ class DistillationModule(LightningModule):
         if student_dtype in _HALF_DTYPES and not student_lora:
             raise ValueError(half_precision_weights_message(f"student_dtype: {student_dtype}"))
         # Everything that can fail on bad input runs here, before a single forward pass.
-        self._tokenizer = load_tokenizer(student)
+        self._tokenizer = load_tokenizer(student, role="student")
         self._check_loss_kwargs()
-        self.student = load_causal_lm(student, dtype=student_dtype, trainable=True)
+        self.student = load_causal_lm(student, dtype=student_dtype, trainable=True, role="student")
         if student_lora:
             # Before the OPSD teacher copy below, so an EMA teacher pairs with the student 1:1.
             self.student = apply_lora(self.student, student_lora)
         check_model_matches_tokenizer(self.student, self._tokenizer, "student")
         if mode == "opd":
-            self._teacher_tokenizer = load_tokenizer(teacher)
+            self._teacher_tokenizer = load_tokenizer(teacher, role="teacher")
             check_compatible(self._tokenizer, self._teacher_tokenizer)
-            self.teacher = load_causal_lm(teacher, dtype=teacher_dtype, quantization=teacher_quantization, trainable=False)
+            self.teacher = load_causal_lm(teacher, dtype=teacher_dtype, quantization=teacher_quantization, trainable=False, role="teacher")
             check_model_matches_tokenizer(self.teacher, self._tokenizer, "teacher")
             self._check_same_logit_width()
         elif opsd_teacher in ("frozen", "ema"):
@@ -302,7 +302,8 @@ class DistillationModule(LightningModule):
         ids, mask = self.sample(prompts)
         texts = decode_responses(self.tokenizer, ids, mask)
         return [
-            {"problem": p, "prompt": q, "response": r, "verified": bool(self.task.verify(p, r))}
+            # A plain record, not the task's object: Lightning walks (and rebuilds) what predict returns.
+            {"problem": problem_record(p), "prompt": q, "response": r, "verified": bool(self.task.verify(p, r))}
             for p, q, r in zip(batch["problems"], prompts, texts)
         ]
 
@@ -532,6 +533,10 @@ class DistillationModule(LightningModule):
 
     def _check_loss_kwargs(self) -> None:
         """Fail on a misspelled loss argument now, not after the first rollout."""
+        clip = self.loss_kwargs.get("clip")
+        if clip is not None and not clip > 0:
+            # clamp(max=clip) with clip <= 0 makes every position a constant: nothing is learned
+            raise ValueError(f"loss_kwargs.clip must be > 0 (a per-token divergence cap), got {clip}; or null for no clip")
         logits = torch.zeros(1, 1, 2)
         try:
             compute_loss(self.loss_name, logits, logits, torch.ones(1, 1, dtype=torch.bool), tokens=torch.zeros(1, 1, dtype=torch.long), **self.loss_kwargs)

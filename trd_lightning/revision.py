@@ -223,7 +223,7 @@ class RewriteReviser(Reviser):
                 self._warned_cut = True
                 warnings.warn(
                     f"{cut['rows']} of {len(prompts)} refinement contexts exceeded {limit} tokens: their attempts lost "
-                    f"{cut['tokens']} tokens at the end (the problem{' and reference' if privileged else ''} are kept whole); "
+                    f"{cut['tokens']} tokens at the end (the problem{' and the reference stay' if privileged else ' stays'} whole); "
                     "later cuts are counted in revision/attempts_cut and revision/attempt_tokens_cut",
                     stacklevel=2,
                 )
@@ -332,6 +332,10 @@ class PrefixSpliceReviser(Reviser):
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (or null for the module's sampling budget), got {max_new_tokens}")
+        if not 0 <= min_mass <= 1:
+            raise ValueError(f"min_mass is a probability mass and must be in [0, 1], got {min_mass}")
         if not isinstance(lookahead, int) or lookahead < 1:
             raise ValueError(f"lookahead must be an integer >= 1 (tokens drafted per teacher forward), got {lookahead!r}")
         if fused and refine == "failed":

@@ -8,6 +8,7 @@ though their prompts differ (``x`` versus ``c``). No gather, no per-row Python l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,8 @@ class Sampling:
     def __post_init__(self):
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -41,7 +41,9 @@ class Recorder(Callback):
     scoring forwards run with ``use_cache=False``.
     """
 
-    def __init__(self):
+    def __init__(self, fresh_teacher: bool = True):
+        self.fresh_teacher = fresh_teacher
+        self.fresh: list[list[torch.Tensor]] = []  # per step: per-row fresh teacher logits
         self.rollouts: list = []
         self.loss_inputs: list[dict] = []
         self.sampling_modes: list[bool] = []  # student.training at each sampling forward in training
@@ -57,7 +59,8 @@ class Recorder(Callback):
             elif torch.is_grad_enabled():
                 self.update_modes.append(model.training)
 
-        self._handles.append(pl_module.student.register_forward_pre_hook(hook, with_kwargs=True))
+        student = pl_module.student.get_base_model() if hasattr(pl_module.student, "peft_config") else pl_module.student
+        self._handles.append(student.register_forward_pre_hook(hook, with_kwargs=True))
         original = pl_module.distillation_loss
         recorder = self
 
@@ -81,7 +84,11 @@ class Recorder(Callback):
         pl_module.distillation_loss = distillation_loss
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.rollouts.append(batch["rollout"])
+        rollout = batch["rollout"]
+        self.rollouts.append(rollout)
+        if self.fresh_teacher:
+            # Now, with the weights the loss will use (a live or EMA teacher changes every step).
+            self.fresh.append(fresh_response_logits(pl_module.model_for("teacher"), rollout.teacher, rollout.response_ids, rollout.response_mask))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         for h in self._handles:
@@ -142,10 +149,10 @@ def check_loss(recorder: Recorder, loss_kwargs: dict | None = None) -> None:
         torch.testing.assert_close(rec["loss"].double(), expected, atol=1e-5, rtol=1e-4)
 
 
-def check_teacher_logits(recorder: Recorder, teacher_model, atol: float = 2e-4) -> None:
+def check_teacher_logits(recorder: Recorder, atol: float = 2e-4) -> None:
     """The teacher logits the loss got equal a fresh, unpadded forward under the rollout's teacher context."""
-    for rollout, rec in zip(recorder.rollouts, recorder.loss_inputs):
-        fresh = fresh_response_logits(teacher_model, rollout.teacher, rollout.response_ids, rollout.response_mask)
+    assert len(recorder.fresh) == len(recorder.loss_inputs)
+    for fresh, rec in zip(recorder.fresh, recorder.loss_inputs):
         for i, f in enumerate(fresh):
             torch.testing.assert_close(rec["teacher"][i, : len(f)].float(), f, atol=atol, rtol=1e-4)
 
@@ -169,7 +176,9 @@ def check_stops(recorder: Recorder, stop: set[int], budget: int) -> None:
 
 
 def decoded_teacher_contexts(tokenizer, rollout) -> list[str]:
-    return [tokenizer.decode(row_tokens(rollout.teacher, i)[: rollout.teacher.prompt_width].tolist()) for i in range(len(rollout.problems))]
+    """Each row's teacher prompt (``c`` or ``c_r``) as text, padding dropped."""
+    ctx, width = rollout.teacher, rollout.teacher.prompt_width
+    return [tokenizer.decode(ctx.input_ids[i, :width][ctx.attention_mask[i, :width].bool()].tolist()) for i in range(len(rollout.problems))]
 
 
 def write_config(path: Path, parts: dict, pair: str, *, model: dict | None = None, trainer: dict | None = None,

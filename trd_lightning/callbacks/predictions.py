@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
-
-
-def problem_record(problem) -> object:
-    """A JSON-ready view of a task's problem record (dataclass, plain object or anything else)."""
-    if dataclasses.is_dataclass(problem):
-        return dataclasses.asdict(problem)
-    if hasattr(problem, "__dict__"):
-        return dict(vars(problem))
-    return problem
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -44,7 +34,7 @@ class PredictionWriter(BasePredictionWriter):
         tmp = self.path.with_name(f".{name}.tmp{os.getpid()}")
         with open(tmp, "w") as f:
             for r in records:
-                f.write(json.dumps({**r, "problem": problem_record(r["problem"])}, default=str) + "\n")
+                f.write(json.dumps(r, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
