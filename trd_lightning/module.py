@@ -40,7 +40,7 @@ from trd_lightning.rollout import (
     response_logits,
     sample_responses,
 )
-from trd_lightning.resume import rng_states, set_rng_states
+from trd_lightning.resume import global_seed, rng_states, set_rng_states
 from trd_lightning.sharding import configure_sharding
 from trd_lightning.tasks.base import Task
 
@@ -234,8 +234,15 @@ class DistillationModule(LightningModule):
         self.log("train/response_tokens", rollout.lengths.float().mean(), batch_size=bs)
         return loss
 
-    def _eval_step(self, batch: dict, stage: str) -> torch.Tensor:
-        rollout = self.make_rollout(batch["problems"])
+    def _eval_step(self, batch: dict, stage: str, batch_idx: int = 0) -> torch.Tensor:
+        # Sampled from a forked RNG seeded by (seed, batch, rank), as Pass@k does: a validation
+        # that drew from the global stream would shift every later training rollout, so a resume
+        # from a checkpoint written before a validation (every_n_train_steps, or SIGTERM inside
+        # it) would diverge from the run it replaces.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(global_seed() * 1_000_003 + 100_003 * batch_idx + 7919 * self.global_rank + (stage == "test"))
+            rollout = self.make_rollout(batch["problems"])
         loss = self.distillation_loss(rollout)
         bs = len(rollout.problems)
         self.log(f"{stage}/loss", loss, batch_size=bs, sync_dist=True)
@@ -243,10 +250,10 @@ class DistillationModule(LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "val")
+        return self._eval_step(batch, "val", batch_idx)
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "test")
+        return self._eval_step(batch, "test", batch_idx)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         prompts = [self.task.student_prompt(p) for p in batch["problems"]]
