@@ -23,14 +23,18 @@ import os
 import sys
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from trd_lightning import run_config
 from trd_lightning.audit import AuditOptions, audit_with_trainer
+from trd_lightning.callbacks.predictions import PredictionWriter
 from trd_lightning.callbacks.preemption import PreemptionCheckpoint
 from trd_lightning.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
 from trd_lightning.cli_errors import SuggestingArgumentParser, check_config_files, unwrap_union_error
-from trd_lightning import run_config
+from trd_lightning.export import export_student
+from trd_lightning.progress import default_progress_bar
 
 
 class TRDTrainer(Trainer):
@@ -54,6 +58,27 @@ class TRDTrainer(Trainer):
         """
         return audit_with_trainer(self, model, datamodule, ckpt_path, audit)
 
+    def export(
+        self,
+        model: LightningModule,
+        output_dir: str,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        adapter_only: bool = False,
+        overwrite: bool = False,
+    ) -> str:
+        """Write the trained student as a Hugging Face folder (see `trd_lightning.export`).
+
+        Args:
+            output_dir: the folder to write (weights, config, generation config, tokenizer).
+            ckpt_path: the checkpoint of ``trd fit`` (a .ckpt file or a sharded FSDP2 folder).
+            adapter_only: with a LoRA student, write the peft adapter alone instead of merged weights.
+            overwrite: replace a non-empty ``output_dir``.
+        """
+        if not self.is_global_zero:
+            return str(output_dir)
+        return str(export_student(model, ckpt_path, output_dir, adapter_only=adapter_only, overwrite=overwrite))
+
 
 class TRDSaveConfig(SaveConfigCallback):
     """``config.yaml`` in the run folder (Lightning's), and the same configuration, plus a
@@ -69,7 +94,7 @@ class TRDSaveConfig(SaveConfigCallback):
 class TRDCli(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "audit": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "audit": {"model", "datamodule"}, "export": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -116,7 +141,14 @@ class TRDCli(LightningCLI):
                 raise unwrap_union_error(e) from None
 
     def _instantiate_trainer(self, config: dict, callbacks: list[Callback]) -> Trainer:
-        given = list(config.get("callbacks") or []) + list(callbacks)
+        user = config.get("callbacks") or []
+        given = (list(user) if isinstance(user, list) else [user]) + list(callbacks)
+        # The distillation progress bar (see trd_lightning.progress) unless the config brings its
+        # own bar or turns the bar off; `trd predict` writes what it sampled.
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, default_progress_bar()]
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in given):
+            callbacks = [*callbacks, PredictionWriter()]
         if self.subcommand in (None, "fit") and not any(isinstance(c, PreemptionCheckpoint) for c in given):
             # A scheduler's SIGTERM must never end a run without a checkpoint.
             callbacks = [*callbacks, PreemptionCheckpoint()]

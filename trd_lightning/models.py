@@ -138,6 +138,10 @@ def load_causal_lm(
             f"(e.g. {', '.join(sorted(missing)[:3])}), which would be random; fix num_hidden_layers and the other "
             "sizes in config.json, or save the model again with save_pretrained"
         )
+    if quantization:
+        from trd_lightning.quantization import probe_quantized_model
+
+        probe_quantized_model(model, 4 if quantization.get("load_in_4bit") else 8)
     if trainable:
         model.train()
     else:
@@ -259,25 +263,50 @@ SAMPLE_CONVERSATION = (
 )
 
 
-def _render_sample(tokenizer: PreTrainedTokenizerBase) -> str:
-    messages = list(SAMPLE_CONVERSATION)
+def _render(tokenizer: PreTrainedTokenizerBase, messages) -> str | None:
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception:  # some templates refuse a system turn; compare without it
-        return tokenizer.apply_chat_template(messages[1:], add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    except Exception:  # some templates refuse a system turn: that conversation is not compared
+        return None
+
+
+def check_same_rendering(student_tokenizer, teacher_tokenizer, messages, what: str) -> None:
+    """Both chat templates must render ``messages`` to the same text: prompts are rendered once
+    (by the task, with the student's template) and the teacher reads that same text."""
+    s, t = _render(student_tokenizer, messages), _render(teacher_tokenizer, messages)
+    if s is None or t is None or s == t:
+        return
+    i = next((k for k, (a, b) in enumerate(zip(s, t)) if a != b), min(len(s), len(t)))
+    raise ValueError(
+        f"student and teacher chat templates render {what} differently, from character "
+        f"{i}: student {s[max(0, i - 20): i + 40]!r} vs teacher {t[max(0, i - 20): i + 40]!r}; use a "
+        "teacher from the student's model family or save both tokenizers with the same chat_template"
+    )
 
 
 def _check_same_chat_template(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase) -> None:
-    """Prompts are rendered once (by the task) for both models: their templates must agree."""
+    """Prompts are rendered once (by the task) for both models: their templates must agree, with a
+    system turn and without one (a template may add a default system turn when none is given)."""
     if not (getattr(student_tokenizer, "chat_template", None) and getattr(teacher_tokenizer, "chat_template", None)):
         return
-    s, t = _render_sample(student_tokenizer), _render_sample(teacher_tokenizer)
-    if s != t:
-        i = next((k for k, (a, b) in enumerate(zip(s, t)) if a != b), min(len(s), len(t)))
+    check_same_rendering(student_tokenizer, teacher_tokenizer, SAMPLE_CONVERSATION, "a sample conversation")
+    check_same_rendering(student_tokenizer, teacher_tokenizer, SAMPLE_CONVERSATION[1:], "a sample conversation without a system turn")
+
+
+def position_limit(model: torch.nn.Module | None) -> int | None:
+    """The longest sequence (prompt + response) a model was built for, if its config says
+    (``max_position_embeddings``; GPT-2's ``n_positions`` answers to that name too)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def check_same_stop_ids(student_stop_ids: list[int], teacher_stop_ids: list[int]) -> None:
+    """Student and teacher must end a response at the same tokens: the teacher scores (and, in TRD,
+    writes) the student's responses, whose end is decided by one set of stop ids."""
+    if set(student_stop_ids) != set(teacher_stop_ids):
         raise ValueError(
-            "student and teacher chat templates render a sample conversation differently, from character "
-            f"{i}: student {s[max(0, i - 20): i + 40]!r} vs teacher {t[max(0, i - 20): i + 40]!r}; use a "
-            "teacher from the student's model family or save both tokenizers with the same chat_template"
+            f"student and teacher end responses at different tokens: student stop ids {sorted(student_stop_ids)}, "
+            f"teacher stop ids {sorted(teacher_stop_ids)} (generation_config.eos_token_id plus the tokenizer's EOS); "
+            "save both generation_config.json files with the same eos_token_id list"
         )
 
 

@@ -236,7 +236,9 @@ class MathTask:
         system_prompt: optional system turn.
         instruction: appended to the problem in every user turn.
         chat_template_kwargs: extra template variables (Qwen3: ``{enable_thinking: false}``).
-        max_attempt_chars: attempts longer than this are cut (their start is kept) in ``c_r``.
+        max_attempt_chars: attempts longer than this are cut (their start is kept) in ``c_r``;
+            default: no cut here (`RewriteReviser` shortens an attempt only when ``c_r`` exceeds
+            the refiner's token budget, and counts it).
         max_problems: read at most this many problems per split (smoke runs).
     """
 
@@ -254,10 +256,10 @@ class MathTask:
         system_prompt: str | None = None,
         instruction: str = INSTRUCTION,
         chat_template_kwargs: dict[str, Any] | None = None,
-        max_attempt_chars: int = 8000,
+        max_attempt_chars: int | None = None,
         max_problems: int | None = None,
     ):
-        if max_attempt_chars < 1:
+        if max_attempt_chars is not None and max_attempt_chars < 1:
             raise ValueError(f"max_attempt_chars must be >= 1, got {max_attempt_chars}")
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         for split, f in self.files.items():
@@ -298,16 +300,24 @@ class MathTask:
             self._problems[split] = [] if f is None else read_problems(f, self.keys, self.max_problems)
         return self._problems[split]
 
+    def messages(self, user: str) -> list[dict[str, str]]:
+        """The conversation of one user turn (with the system turn, when one is set)."""
+        return ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
+            {"role": "user", "content": user}
+        ]
+
+    def chat_messages(self, problem: MathProblem) -> list[dict[str, str]] | None:
+        """The conversation behind `student_prompt` (``None`` for plain-text prompts): what a
+        pre-flight check renders through the teacher's template too."""
+        return None if self.tokenizer_path is None else self.messages(f"{problem.problem}\n\n{self.instruction}")
+
     def render(self, user: str) -> str:
         """One user turn as the text right before the assistant's first token."""
         if self.tokenizer_path is None:
             system = f"{self.system_prompt}\n\n" if self.system_prompt else ""
             return f"{system}Problem: {user}\n\nSolution: "
-        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
-            {"role": "user", "content": user}
-        ]
         return self._load_tokenizer().apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs
+            self.messages(user), add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs
         )
 
     def student_prompt(self, problem: MathProblem) -> str:
@@ -319,7 +329,7 @@ class MathTask:
     def refinement_prompt(self, problem: MathProblem, attempt: str, *, privileged: bool = False) -> str:
         # Keep the attempt's start: the refiner needs its structure and first steps, and the
         # context must stay within the refiner's length limit.
-        attempt = attempt.strip()[: self.max_attempt_chars]
+        attempt = attempt.strip()[: self.max_attempt_chars]  # [:None] keeps it whole
         template = REFINE_PRIVILEGED if privileged else REFINE
         return self.render(
             template.format(problem=problem.problem, solution=problem.solution, attempt=attempt, instruction=self.instruction)
