@@ -75,7 +75,6 @@ def honoured_or_refused(run, key: str, honoured) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 12 item 3: --ckpt_path silently overrides --model.init_args.student_lora null")
 def test_explicit_lora_null_next_to_ckpt_path(fitted):
     def honoured(cli):
         assert cli.model.hparams.student_lora is None and not is_lora(cli.model.student)
@@ -87,7 +86,6 @@ def test_explicit_lora_null_next_to_ckpt_path(fitted):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 12 item 3: --ckpt_path restores the old student path; a moved student cannot be re-pointed")
 def test_moved_student_can_be_repointed_next_to_ckpt_path(parts, tmp_path):
     student = shutil.copytree(parts["llama-qwen2"]["student"], tmp_path / "student")
     config = h.write_config(tmp_path / "cfg.yaml", parts, "llama-qwen2", model={"student": str(student)})
@@ -103,7 +101,6 @@ def test_moved_student_can_be_repointed_next_to_ckpt_path(parts, tmp_path):
     )
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 5: a CLI null under data.init_args.task.init_args.* arrives as the string 'None'")
 def test_cli_null_system_prompt_is_none(parts, tmp_path):
     config = h.write_config(tmp_path / "cfg.yaml", parts, "llama-qwen2", task={"system_prompt": "Be brief."})
     cli = build_cli(["fit", "-c", config, "--data.init_args.task.init_args.system_prompt=null"], run=False)
@@ -112,7 +109,6 @@ def test_cli_null_system_prompt_is_none(parts, tmp_path):
     assert "system" not in task.student_prompt(task.problems("train")[0])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 4: a student directory without tokenizer files is not named as the problem")
 def test_student_without_tokenizer_files_is_named(parts, tmp_path):
     bare = save_model(tmp_path / "bare_student", "llama", "chatml", seed=0, with_tokenizer=False)
     with pytest.raises((ValueError, FileNotFoundError, OSError)) as err:
