@@ -47,7 +47,7 @@ from trd_lightning.rollout import (
     stop_token_ids,
 )
 from trd_lightning.resume import rng_states, set_rng_states
-from trd_lightning.sharding import configure_sharding
+from trd_lightning.sharding import configure_sharding, rollout_weights
 from trd_lightning.tasks.base import Task, problem_record
 
 # `sampling` is a hyperparameter, so it is pickled into every checkpoint, and Lightning resumes
@@ -228,9 +228,11 @@ class DistillationModule(LightningModule):
         student_prompts = [self.task.student_prompt(p) for p in problems]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, student_prompts, self.device, self.max_prompt_length)
         try:
-            response, mask = sample_responses(
-                self.student, self.tokenizer, prompt_ids, prompt_mask, self.sampling, synced_gpus=self._synced_gpus(), stop_ids=self.stop_ids
-            )
+            with rollout_weights(self, ("student",)) as local:  # FSDP2: gather once, if the strategy says so
+                response, mask = sample_responses(
+                    self.student, self.tokenizer, prompt_ids, prompt_mask, self.sampling,
+                    synced_gpus=self._synced_gpus() and not local, stop_ids=self.stop_ids,
+                )
         except RuntimeError as err:
             # Diverged weights give a finite loss one step and NaN logits the next: the raw
             # error is torch.multinomial's, which names neither the cause nor the fix.
