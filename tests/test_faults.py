@@ -421,3 +421,11 @@ def test_a_data_file_replaced_with_the_same_mtime_is_read_again(tmp_path):
     path.write_text(_rows({**ROW, "answer": "7"}))  # same length, same mtime
     os.utime(path, ns=(stamp, stamp))
     assert MathTask(train_file=str(path)).problems("train")[0].answer == "7"
+
+
+def test_diverged_weights_are_named_at_the_next_sampling(tiny_paths, task):
+    module = DistillationModule(student=tiny_paths["student"], teacher=tiny_paths["teacher"], task=task, sampling=Sampling(max_new_tokens=4))
+    with torch.no_grad():
+        module.student.get_output_embeddings().weight.fill_(float("inf"))  # what lr 1000 leaves behind
+    with pytest.raises(FloatingPointError, match=r"the student's next-token probabilities are not finite \(\d+ weight tensors hold inf/NaN.*lower the lr or set trainer.gradient_clip_val"):
+        module.make_rollout(list(task.problems("test"))[:2])
