@@ -165,9 +165,6 @@ def test_export_consolidates_a_sharded_fsdp2_checkpoint(tiny_paths, sharded, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the CLI's --ckpt_path pre-check (checkpoint_io.load_checkpoint_file, from h13rel) refuses "
-                   "a sharded checkpoint folder ('is a folder; pass the path of a .ckpt file inside it'), so `trd export` "
-                   "(and `trd test`) cannot take one; export_student itself can")
 def test_trd_export_subcommand_takes_a_sharded_checkpoint_folder(tiny_paths, sharded, tmp_path):
     import yaml
 
