@@ -180,6 +180,6 @@ def test_cli_fit_then_test_with_vllm_reproduces_logged_numbers(tmp_path, monkeyp
     assert fit.model.engine.name == "vllm" and fit.model.engine.syncs >= 3  # a push after every update
     logged = next(cb for cb in fit.trainer.callbacks if isinstance(cb, PassAtKEvaluation)).last
     fit.model.engine.close()
-    again = build_cli(["test", "-c", opd, *small, f"--ckpt_path={tmp_path / 'checkpoints' / 'arith' / 'opd' / 'last.ckpt'}"])
+    again = build_cli(["test", "-c", opd, *small, f"--ckpt_path={tmp_path / 'runs' / 'opd' / 'version_0' / 'checkpoints' / 'last.ckpt'}"])
     repeated = next(cb for cb in again.trainer.callbacks if isinstance(cb, PassAtKEvaluation)).last
     assert set(logged) == {"test/avg@16", "test/pass@1", "test/pass@8"} and repeated == logged
