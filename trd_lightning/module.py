@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
 from trd_lightning.lora import apply_lora, is_lora, trainable_parameter_names
-from trd_lightning.losses import LOSSES, compute_loss
+from trd_lightning.losses import LOSSES, TEACHER_FREE, compute_loss
 from trd_lightning.models import (
     check_compatible,
     check_model_matches_tokenizer,
@@ -48,7 +48,7 @@ from trd_lightning.tasks.base import Task
 # with torch.load(weights_only=True): without this, `trd fit --ckpt_path` cannot read its own file.
 torch.serialization.add_safe_globals([Sampling])
 
-LossName = Literal["reverse_kl", "forward_kl", "generalized_jsd", "topk_reverse_kl", "k1", "k3"]
+LossName = Literal["reverse_kl", "forward_kl", "generalized_jsd", "topk_reverse_kl", "k1", "k3", "cross_entropy"]
 
 
 class DistillationModule(LightningModule):
@@ -211,13 +211,13 @@ class DistillationModule(LightningModule):
     # --- steps ------------------------------------------------------------------------------
     def distillation_loss(self, rollout: Rollout) -> torch.Tensor:
         teacher_logits = rollout.teacher_logits
-        if teacher_logits is None:
+        if teacher_logits is None and self.loss_name not in TEACHER_FREE:
             teacher_logits = self.score(rollout.teacher, role="teacher")
         student_logits = self.score(rollout.student, role="student")
         return compute_loss(
             self.loss_name,
             student_logits,
-            teacher_logits,
+            student_logits.detach() if teacher_logits is None else teacher_logits,  # unread by TEACHER_FREE losses
             rollout.response_mask,
             tokens=rollout.response_ids,
             **self.loss_kwargs,
