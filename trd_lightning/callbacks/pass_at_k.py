@@ -51,6 +51,7 @@ class PassAtKEvaluation(Callback):
     ):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        ks = range(1, n + 1) if all_k else ks
         bad = [k for k in ks if k > n]
         if bad:
             raise ValueError(f"pass@k needs k <= n: got k={bad} with n={n} samples; raise n or drop those k")
@@ -60,8 +61,6 @@ class PassAtKEvaluation(Callback):
         self.sampling = sampling or Sampling(temperature=0.6, top_p=0.95)
         self.skip_sanity_check = skip_sanity_check
         self.prefix = prefix
-        if all_k:
-            self.ks = tuple(range(1, n + 1))
         self.coverage = coverage
         self.metric = PassAtK(ks=self.ks, num_samples=n)
         self.coverage_metric = DerivationCoverage()
