@@ -434,3 +434,27 @@ def test_learning_curve_does_not_change_the_training_run(tiny_paths, task):
     assert all(torch.equal(with_curve[k], without[k]) for k in without)
     assert [h["step"] for h in curve.history] == [0, 2]
     assert {"curve/avg@2", "curve/pass@2", "curve/derivations"} <= set(curve.history[0])
+
+
+# ---- the new configs run end to end on the shipped models, with the guard watching ------------
+NEW_CONFIGS = ["seqkd", "gkd", "trd_rewrite_sft", "trd_rewrite_verified", "trd_rewrite_target_x", "splice_t0", "opsd_splice"]
+
+
+@pytest.mark.slow  # seven short fits of the shipped 1.1M-parameter models
+def test_new_configs_fit_with_the_collapse_guard(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from trd_lightning.callbacks import TrajectoryRevision
+    from trd_lightning.cli import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    root = Path(__file__).resolve().parents[1] / "configs" / "arith"
+    for name in NEW_CONFIGS:
+        cli = build_cli(["fit", "-c", str(root / f"{name}.yaml"), "--trainer.logger=false", "--data.init_args.batch_size=4"], run=False)
+        revision = [cb for cb in cli.trainer.callbacks if isinstance(cb, TrajectoryRevision)]
+        guard = CollapseGuard(warmup_steps=1)
+        trainer = cpu_trainer(max_steps=2, limit_val_batches=0, callbacks=[*revision, guard])
+        trainer.fit(cli.model, datamodule=cli.datamodule)
+        assert torch.isfinite(trainer.callback_metrics["train/loss"]), name
+        assert [h["step"] for h in guard.history] == [0, 1] and guard.history[0]["entropy"] > 0, name
+        assert revision[0].history and "revision/accuracy_after" in revision[0].history[-1], name

@@ -119,6 +119,7 @@ class CollapseGuard(Callback):
         self._streak: dict[str, int] = dict.fromkeys(SIGNALS, 0)
         self._seen_gap: tuple[float, float] | None = None
         self._pending: dict[str, float] = {}
+        self._pending_step = 0
 
     # --- measuring ---------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -134,6 +135,7 @@ class CollapseGuard(Callback):
             with torch.no_grad():  # measured before this step's update, on the weights that sampled y_o
                 signals["entropy"] = mean_entropy(pl_module.score(raw.student, role="student"), raw.response_mask)
         self._pending = signals
+        self._pending_step = trainer.global_step  # the step whose weights sampled y_o
 
     def _new_gap(self, trainer) -> float | None:
         high, low = self.gap_metrics
@@ -162,7 +164,7 @@ class CollapseGuard(Callback):
         return False, None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
+        step = self._pending_step if self._pending else trainer.global_step
         signals = dict(self._pending)
         self._pending = {}
         gap = self._new_gap(trainer)
