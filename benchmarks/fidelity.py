@@ -58,9 +58,10 @@ def run(args) -> dict:
 
     from trd_lightning.callbacks import CollapseGuard, LearningCurve, PassAtKEvaluation, PrefixAudit, TrajectoryRevision
     from trd_lightning.cli import build_cli
+    from trd_lightning.rollout import decode_responses
 
     torch.set_num_threads(1)
-    name = f"{args.config}_{args.variant.replace('=', '')}_seed{args.seed}"
+    name = f"{args.config}_{args.variant.replace('=', '')}_seed{args.seed}" + ("" if args.guard_action == "alert" else f"_{args.guard_action}")
     cli = build_cli(
         ["fit", "-c", str(ROOT / "configs" / "arith" / f"{args.config}.yaml"), f"--seed_everything={args.seed}",
          "--trainer.logger=false", f"--data.init_args.task.init_args.test_size={args.test_size}"],
@@ -72,13 +73,28 @@ def run(args) -> dict:
     audit = PrefixAudit(every_n_steps=args.audit_every, max_rollouts_logged=0, histograms=False)
     audits: list[dict] = []
 
-    class KeepAudit(Callback):  # PrefixAudit keeps only its latest statistics
+    examples: list[dict] = []
+
+    class KeepAudit(Callback):  # PrefixAudit keeps only its latest statistics; and a few failed rewrites
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if audit._last_step == trainer.global_step:
                 audits.append({"step": trainer.global_step, **audit.last})
+            rollout = batch["rollout"]
+            original = rollout.info.get("original")
+            if original is None or trainer.global_step % 10:
+                return
+            tok, task = pl_module.tokenizer, pl_module.task
+            y_o = decode_responses(tok, original.response_ids, original.response_mask)
+            y_r = decode_responses(tok, rollout.response_ids, rollout.response_mask)
+            failed = [(p, o, r) for p, o, r in zip(rollout.problems, y_o, y_r) if not task.verify(p, r)]
+            examples.extend({"step": trainer.global_step, "problem": p.expression, "y_o": o, "y_r": r,
+                             "y_o_correct": task.verify(p, o), "first_error_y_r": task.first_error_char(p, r)}
+                            for p, o, r in failed[:4])  # fmt: skip
 
     curve = LearningCurve(every_n_steps=args.curve_every, n=16, ks=(1, 16), num_problems=args.curve_problems)
-    guard = CollapseGuard(gap_metrics=("curve/pass@16", "curve/pass@1"), action="alert")
+    guard = CollapseGuard(gap_metrics=("curve/pass@16", "curve/pass@1"), action=args.guard_action,
+                          checkpoint_dir=str(OUT / "runs" / f"{args.config}_{args.variant}_seed{args.seed}_guard"),
+                          drops={"revision/accuracy_after": 0.3, "curve/avg@16": 0.1})  # fmt: skip
     run_dir = OUT / "runs" / name
     trainer = Trainer(
         max_steps=args.steps, limit_val_batches=0, callbacks=[*revision, audit, KeepAudit(), curve, guard],
@@ -94,9 +110,10 @@ def run(args) -> dict:
     tester.test(cli.model, datamodule=cli.datamodule, verbose=False)
     result = {
         "config": args.config, "variant": args.variant, "seed": args.seed, "steps": args.steps,
-        "fit_seconds": fit_seconds, "test": evaluation.last,
+        "fit_seconds": fit_seconds, "test": evaluation.last, "guard_action": args.guard_action,
+        "rollbacks": guard.rollbacks, "last_good_step": guard.last_good_step, "stopped_at": trainer.global_step,
         "revision": revision[0].history if revision else [], "audit": audits,
-        "curve": curve.history, "guard": guard.history, "alerts": guard.alerts, "guard_reference": guard.reference,
+        "curve": curve.history, "guard": guard.history, "examples": examples, "alerts": guard.alerts, "guard_reference": guard.reference,
     }  # fmt: skip
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(result, default=float))
@@ -127,6 +144,7 @@ def plot() -> None:
     import matplotlib.pyplot as plt
 
     runs = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    runs = [r for r in runs if r.get("guard_action", "alert") == "alert"]
     if not runs:
         raise SystemExit(f"no runs under {OUT}")
     IMG.mkdir(parents=True, exist_ok=True)
@@ -181,6 +199,7 @@ def main() -> None:
     parser.add_argument("--curve-every", type=int, default=10)
     parser.add_argument("--curve-problems", type=int, default=64)
     parser.add_argument("--audit-every", type=int, default=5)
+    parser.add_argument("--guard-action", default="alert", choices=["alert", "stop", "rollback"])
     parser.add_argument("--plot", action="store_true", help="only draw the figures from the saved runs")
     args = parser.parse_args()
     if args.plot:

@@ -458,3 +458,26 @@ def test_new_configs_fit_with_the_collapse_guard(tmp_path, monkeypatch):
         assert torch.isfinite(trainer.callback_metrics["train/loss"]), name
         assert [h["step"] for h in guard.history] == [0, 1] and guard.history[0]["entropy"] > 0, name
         assert revision[0].history and "revision/accuracy_after" in revision[0].history[-1], name
+
+
+def test_guard_drop_signal_follows_a_published_metric():
+    class Revision:  # publishes like TrajectoryRevision: one history entry per step
+        def __init__(self):
+            self.history = []
+
+    guard = CollapseGuard(window=3, patience=2, drops={"revision/accuracy_after": 0.3}, entropy_ratio=None)
+    revision = Revision()
+    module = EntropyStub()
+    trainer = SimpleNamespace(global_step=0, callbacks=[revision, guard], should_stop=False,
+                              strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all=True: d))  # fmt: skip
+    accuracy = [0.9 + 0.05 * ((s * 7) % 3 - 1) for s in range(60)] + [0.4] * 10  # rewrites stop being correct at 60
+    for step, acc in enumerate(accuracy):
+        trainer.global_step = step
+        batch = {"rollout": synthetic_rollout([20] * 4, False, seed=step)}
+        guard.on_train_batch_start(trainer, module, batch, step)
+        revision.history.append({"revision/accuracy_after": acc})
+        guard.on_train_batch_end(trainer, module, None, batch, step)
+    assert [a["signal"] for a in guard.alerts] == ["revision/accuracy_after"]
+    assert guard.alerts[0]["step"] == 62  # the 3-step mean is below best - 0.3 from step 61 on; patience 2
+    with pytest.raises(ValueError, match="drops"):
+        CollapseGuard(drops={"x": 0.0})

@@ -51,7 +51,14 @@ class CollapseGuard(Callback):
       ``entropy_every_n_steps``); alert when it falls below ``entropy_ratio`` times the reference;
     * ``gap``: ``pass@k - pass@1`` whenever an evaluation callback (`PassAtKEvaluation`,
       `LearningCurve`) publishes new values of ``gap_metrics`` in its ``last`` dict; alert when it
-      exceeds its first value by ``gap_delta``.
+      exceeds its first value by ``gap_delta``;
+    * ``drops``: any other scalar a callback publishes (``last`` dict, or the latest entry of its
+      ``history`` list: ``revision/accuracy_after`` of `TrajectoryRevision`, ``curve/avg@16`` of
+      `LearningCurve`), ``{name: max_drop}``; alert when the mean of its values published in the
+      last ``window`` steps (one value for an evaluation every ``window`` steps or more) falls more
+      than ``max_drop`` below the best such mean so far. The collapse of the
+      paper's rewrite reviser on the arithmetic task shows here (the refiner's rewrites stop being
+      correct) and in none of the four signals above (docs/fidelity.md).
 
     The reference of the per-step signals is their median over the first ``warmup_steps`` steps.
     A signal that holds for ``patience`` consecutive checks raises an alert: a warning naming the
@@ -68,7 +75,7 @@ class CollapseGuard(Callback):
     Example (YAML)::
 
         - class_path: trd_lightning.callbacks.CollapseGuard
-          init_args: {length_ratio: 1.5, entropy_ratio: 0.5, action: rollback}
+          init_args: {length_ratio: 1.5, drops: {revision/accuracy_after: 0.3}, action: rollback}
     """
 
     def __init__(
@@ -79,10 +86,11 @@ class CollapseGuard(Callback):
         length_ratio: float | None = 1.5,
         repetition_delta: float | None = 0.15,
         ngram: int = 4,
-        entropy_ratio: float | None = 0.5,
+        entropy_ratio: float | None = 0.25,
         entropy_every_n_steps: int = 1,
         gap_delta: float | None = 0.15,
         gap_metrics: tuple[str, str] = ("val/pass@8", "val/pass@1"),
+        drops: dict[str, float] | None = None,
         action: Literal["alert", "stop", "rollback"] = "alert",
         save_every_n_steps: int = 10,
         max_rollbacks: int = 1,
@@ -107,6 +115,14 @@ class CollapseGuard(Callback):
         self.length_ratio, self.repetition_delta = length_ratio, repetition_delta
         self.entropy_ratio, self.entropy_every_n_steps = entropy_ratio, entropy_every_n_steps
         self.gap_delta, self.gap_metrics = gap_delta, tuple(gap_metrics)
+        self.drops = dict(drops or {})
+        for name, value in self.drops.items():
+            if not value > 0:
+                raise ValueError(f"drops[{name!r}] must be > 0 (how far below its best the metric may fall), got {value}")
+        self._best: dict[str, float] = {}
+        self._drop_recent: dict[str, deque] = {k: deque() for k in self.drops}  # (step, value)
+        self._drop_seen: dict[str, int] = {}
+        self._drop_streak: dict[str, int] = dict.fromkeys(self.drops, 0)
         self.action, self.save_every_n_steps, self.max_rollbacks = action, save_every_n_steps, max_rollbacks
         self.checkpoint_dir = checkpoint_dir
         self.reference: dict[str, float] = {}
@@ -148,6 +164,44 @@ class CollapseGuard(Callback):
                     return pair[0] - pair[1]
         return None
 
+    def _published(self, trainer) -> dict[str, tuple[float, tuple]]:
+        """The watched metrics other callbacks publish, each with a tag that changes with a new value:
+        the length of a ``history`` list, or the value itself for a ``last`` dict."""
+        found: dict[str, tuple[float, tuple]] = {}
+        for cb in trainer.callbacks:
+            if cb is self:
+                continue
+            history, last = getattr(cb, "history", None), getattr(cb, "last", None)
+            if isinstance(history, list) and history and isinstance(history[-1], dict):
+                for name in self.drops:
+                    if name in history[-1] and name not in found:
+                        found[name] = (float(history[-1][name]), (id(cb), len(history)))
+            if isinstance(last, dict):
+                for name in self.drops:
+                    if name in last and name not in found:
+                        found[name] = (float(last[name]), (id(cb), "last", float(last[name])))
+        return found
+
+    def _check_drops(self, trainer, step: int) -> tuple[dict[str, float], list[dict]]:
+        values, firing = {}, []
+        for name, (value, tag) in self._published(trainer).items():
+            if self._drop_seen.get(name) == tag or math.isnan(value):
+                continue  # not a new value
+            self._drop_seen[name] = tag
+            recent = self._drop_recent[name]
+            recent.append((step, value))
+            while recent and recent[0][0] <= step - self.window:
+                recent.popleft()
+            smoothed = sum(v for _, v in recent) / len(recent)
+            best = max(self._best.get(name, smoothed), smoothed)
+            self._best[name] = best
+            values[name] = smoothed
+            holds = smoothed < best - self.drops[name]
+            self._drop_streak[name] = self._drop_streak[name] + 1 if holds else 0
+            if holds and self._drop_streak[name] == self.patience:
+                firing.append({"step": step, "signal": name, "value": smoothed, "reference": best, "threshold": best - self.drops[name]})
+        return values, firing
+
     # --- deciding ----------------------------------------------------------------------------
     def _holds(self, name: str, value: float) -> tuple[bool, float | None]:
         ref = self.reference.get(name)
@@ -188,6 +242,10 @@ class CollapseGuard(Callback):
             self._streak[name] = self._streak[name] + 1 if holds else 0
             if holds and self._streak[name] == self.patience:
                 firing.append({"step": step, "signal": name, "value": smoothed, "reference": self.reference[name], "threshold": threshold})
+        if self.drops:
+            values, dropped = self._check_drops(trainer, step)
+            record.update(values)
+            firing += dropped
         bs = len(batch["rollout"].problems) if isinstance(batch, dict) and "rollout" in batch else 1
         for name in SIGNALS:
             if name in record:
@@ -203,7 +261,7 @@ class CollapseGuard(Callback):
             self.last_good_step = step
 
     def _healthy(self) -> bool:
-        return len(self.reference) >= 1 and not any(self._streak.values())
+        return len(self.reference) >= 1 and not any(self._streak.values()) and not any(self._drop_streak.values())
 
     def _alert(self, trainer, pl_module, firing: list[dict], step: int) -> None:
         self.alerts.extend(firing)
@@ -236,14 +294,19 @@ class CollapseGuard(Callback):
         for name in SIGNALS:  # judge the restored weights afresh
             self._recent[name].clear()
             self._streak[name] = 0
+        for name in self.drops:
+            self._drop_recent[name].clear()
+            self._drop_streak[name] = 0
 
     def state_dict(self) -> dict:
-        return {"reference": self.reference, "alerts": self.alerts, "rollbacks": self.rollbacks, "last_good_step": self.last_good_step}
+        return {"reference": self.reference, "best": self._best, "alerts": self.alerts, "rollbacks": self.rollbacks,
+                "last_good_step": self.last_good_step}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.reference = dict(state_dict.get("reference", {}))
         for name in self.reference:  # a resumed run keeps its reference instead of warming up again
             self._warm[name] = [self.reference[name]] * self.warmup_steps
         self.alerts = list(state_dict.get("alerts", []))
+        self._best = dict(state_dict.get("best", {}))
         self.rollbacks = int(state_dict.get("rollbacks", 0))
         self.last_good_step = state_dict.get("last_good_step")
