@@ -109,13 +109,37 @@ def test_mismatched_checkpoint_is_a_clear_error(module, task, tiny_paths, tokeni
 
 def test_bad_onset_strings_and_options_fail_before_sampling(module):
     sampled = count_calls(module, "sample")
-    with pytest.raises(ValueError, match="'Wait' -> 4 tokens"):
+    with pytest.raises(ValueError, match="'Wait' -> the unknown token"):
         run_audit(module, num_problems=2, output_dir=None, correction_onsets=["!", "Wait"], verbose=False)
     with pytest.raises(ValueError, match="unknown t\\* criterion"):
         run_audit(module, num_problems=2, output_dir=None, criterion="nope", verbose=False)
     with pytest.raises(ValueError, match="num_problems must be >= 1"):
         run_audit(module, num_problems=0, output_dir=None, verbose=False)
     assert sampled == []
+
+
+def test_multi_token_onset_mass_is_the_sequence_probability(module, task):
+    """Issue 12 item 10: an onset of several tokens counts the teacher's probability of the whole
+    sequence, checked position by position against direct teacher forwards."""
+    from trd_lightning.audit import diagnose, sample_rollout
+    from trd_lightning.diagnostics import onset_token_ids
+
+    torch.manual_seed(0)
+    module.eval()
+    rollout = sample_rollout(module, list(task.problems("val"))[:3])
+    onsets = onset_token_ids(module.tokenizer, ["!", "1+"])
+    d = diagnose(module, rollout, onsets)
+    ((bang,),) = [o for o in onsets if len(o) == 1]
+    ((one, plus),) = [o for o in onsets if len(o) == 2]
+    teacher, ctx = module.teacher, rollout.teacher
+    for b in range(len(rollout.problems)):
+        for t in range(int(rollout.response_mask[b].sum())):
+            prefix = ctx.input_ids[b, : ctx.prompt_width + t][ctx.attention_mask[b, : ctx.prompt_width + t].bool()]
+            with torch.no_grad():
+                q = teacher(prefix.unsqueeze(0)).logits[0, -1].softmax(-1)
+                q_next = teacher(torch.cat([prefix, torch.tensor([one])]).unsqueeze(0)).logits[0, -1].softmax(-1)
+            expected = q[bang] + q[one] * q_next[plus]
+            assert float(d.onset_mass[b, t]) == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
 
 
 def test_prefix_audit_is_free_when_not_due():

@@ -138,11 +138,17 @@ def test_alignment_around_the_first_error():
 
 
 def test_onset_token_check_names_every_bad_string(tokenizer):
-    assert D.onset_token_ids(tokenizer, ["!"]) == [tokenizer.convert_tokens_to_ids("!")]
+    bang = tokenizer.convert_tokens_to_ids("!")
+    assert D.onset_token_ids(tokenizer, ["!"]) == [(bang,)]
+    # A multi-token onset is a token sequence (issue 12 item 10: it used to be refused); one that
+    # extends another onset is dropped (its mass is part of the shorter one's).
+    redo = tuple(tokenizer.encode("1+2", add_special_tokens=False))
+    assert len(redo) == 3 and D.onset_token_ids(tokenizer, ["!", "1+2"]) == sorted([(bang,), redo])
+    assert D.onset_token_ids(tokenizer, ["!", "!1"]) == [(bang,)]
     with pytest.raises(ValueError) as err:
         D.onset_token_ids(tokenizer, ["!", "Wait", "x"])
     msg = str(err.value)
-    assert "'Wait' -> 4 tokens" in msg and "'x' -> the unknown token" in msg and "'!'" not in msg
+    assert "'x' -> the unknown token" in msg and "'Wait' -> the unknown token" in msg and "'!'" not in msg
     with pytest.raises(ValueError, match="no correction-onset strings"):
         D.onset_token_ids(tokenizer, [])
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -86,16 +86,17 @@ def test_max_new_tokens_not_positive():
 
 
 def test_prompt_longer_than_context(tiny_paths, task, monkeypatch):
-    # Rule 1: a prompt over max_prompt_length keeps its last tokens, with a warning.
+    # Rule 1: a prompt over max_prompt_length is refused, never cut (issue 12 item 1: cutting from the
+    # left removed the problem statement from c_r); the run refuses before compute (setup), and
+    # encode_prompts refuses any prompt that check did not see.
     import trd_lightning.rollout as rollout_module
 
-    monkeypatch.setattr(rollout_module, "_warned_truncation", False)  # the warning is once per process
     module = make_module(tiny_paths, task, max_prompt_length=8)
     long_prompt = "Q1+2*3-4+5*6-7+8S"
-    with pytest.warns(UserWarning, match="prompts longer than 8 tokens are truncated from the left"):
-        ids, mask = rollout_module.encode_prompts(module.tokenizer, [long_prompt, "Q1+2S"], "cpu", 8)
-    full = module.tokenizer(long_prompt, add_special_tokens=False)["input_ids"]
-    assert ids.shape[1] == 8 and ids[0].tolist() == full[-8:] and mask[1].sum() == 5
+    with pytest.raises(rollout_module.PromptTooLongError, match=r"1 of 2 prompts in this batch exceed max_prompt_length=8 tokens \(longest 17\)"):
+        rollout_module.encode_prompts(module.tokenizer, [long_prompt, "Q1+2S"], "cpu", 8)
+    ids, mask = rollout_module.encode_prompts(module.tokenizer, ["Q1+2*3S", "Q1+2S"], "cpu", 8)
+    assert ids.shape[1] == 7 and mask[1].sum() == 5
     # Rule 2: prompt budget + response budget must fit the models' positions (256 here).
     with pytest.raises(
         ValueError,

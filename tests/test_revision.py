@@ -16,6 +16,7 @@ from trd_lightning.rollout import (
     encode_prompts,
     response_logits,
     sample_responses,
+    stop_token_ids,
 )
 from trd_lightning.revision import PrefixSpliceReviser, RewriteReviser, assemble_rollout, rows, top_p_mask
 
@@ -159,6 +160,12 @@ class ProtocolOnlyModule(LightningModule):
     def model_for(self, role):
         return self.student if role == "student" else self.teacher
 
+    max_prompt_length = None
+
+    @property
+    def stop_ids(self):
+        return stop_token_ids(self.student, self.tokenizer)
+
     def teacher_prompt(self, problem):
         return self.task.student_prompt(problem)
 
@@ -226,7 +233,7 @@ def test_bad_reviser_inputs(module, task, tiny_paths, tmp_path, tokenizer):
     with pytest.raises(ValueError, match="tokenizers differ"):
         bad.setup(module)
     rollout = hand_rollout(module, task, [False])
-    with pytest.raises(ValueError, match="refinement context has .* tokens but the refiner allows 5"):
+    with pytest.raises(ValueError, match="does not fit 5 tokens even without the attempt"):
         RewriteReviser(max_context_tokens=5).revise(module, rollout)
 
 

@@ -25,10 +25,11 @@ from trd_lightning.diagnostics import (
     at_offset_and_elsewhere,
     check_criterion,
     onset_token_ids,
+    split_onsets,
     rollout_diagnostics,
 )
 from trd_lightning.revision import Reviser
-from trd_lightning.rollout import Rollout, Sampling, build_context, decode_responses
+from trd_lightning.rollout import Context, Rollout, Sampling, build_context, decode_responses, left_pad
 
 ALIGN_ON = ("auto", "verifier", "t_star")
 #: statistics in the summary table and the JSON (in this order)
@@ -93,11 +94,42 @@ def sample_rollout(module, problems: list, sampling: Sampling | None = None) -> 
 
 
 @torch.no_grad()
-def diagnose(module, rollout: Rollout, onset_ids: Sequence[int], **kwargs) -> RolloutDiagnostics:
+def onset_continuation_logprob(module, rollout: Rollout, sequence: tuple[int, ...], max_tokens: int = 32768) -> torch.Tensor:
+    """[B, N]: at every response position t, the teacher's ``log q(o_2..o_m | c, y_<t, o_1)`` of a
+    multi-token onset ``o`` (NaN outside the response).
+
+    Each position needs its own forward (the onset is inserted after ``y_<t``), batched over
+    positions in chunks of about ``max_tokens`` tokens: about N times a teacher forward per
+    multi-token onset, which is why single-token onsets (" Wait" in a real vocabulary) are cheaper.
+    """
+    ctx, mask = rollout.teacher, rollout.response_mask.bool()
+    b_idx, t_idx = mask.nonzero(as_tuple=True)
+    out = torch.full(mask.shape, float("nan"), device=mask.device)
+    onset = torch.tensor(sequence, device=ctx.input_ids.device)
+    pad = module.tokenizer.pad_token_id
+    per_chunk = max(1, max_tokens // (ctx.input_ids.shape[1] + len(sequence)))
+    for start in range(0, len(b_idx), per_chunk):
+        rows, ts = b_idx[start : start + per_chunk], t_idx[start : start + per_chunk]
+        prefixes = [ctx.input_ids[b, : ctx.prompt_width + t][ctx.attention_mask[b, : ctx.prompt_width + t].bool()] for b, t in zip(rows.tolist(), ts.tolist())]
+        ids, prefix_mask = left_pad(prefixes, pad, ctx.input_ids.device)
+        block = onset.expand(len(prefixes), -1)
+        logits = module.score(Context.joined(ids, prefix_mask, block, torch.ones_like(block, dtype=torch.bool)), role="teacher")
+        logp = logits[:, 1:].float().log_softmax(-1).gather(-1, block[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)
+        out[rows, ts] = logp
+    return out
+
+
+@torch.no_grad()
+def diagnose(module, rollout: Rollout, onset_ids, **kwargs) -> RolloutDiagnostics:
     """Score ``rollout`` with both roles (no grad) and compute every statistic, on the CPU."""
     teacher_logits = module.score(rollout.teacher, role="teacher")
     student_logits = module.score(rollout.student, role="student")
-    d = rollout_diagnostics(student_logits, teacher_logits, rollout.response_ids, rollout.response_mask, onset_ids, **kwargs)
+    _, multi = split_onsets(onset_ids)
+    continuations = {s: onset_continuation_logprob(module, rollout, s) for s in multi}
+    d = rollout_diagnostics(
+        student_logits, teacher_logits, rollout.response_ids, rollout.response_mask, onset_ids,
+        onset_continuations=continuations, **kwargs,
+    )
     return RolloutDiagnostics(**{f.name: getattr(d, f.name).cpu() for f in fields(d)})
 
 

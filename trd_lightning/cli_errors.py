@@ -96,3 +96,59 @@ class SuggestingArgumentParser(LightningArgumentParser):
         if hints:
             message = message.rstrip() + "\n" + "\n".join(f"hint: {h}" for h in hints)
         return super().error(message, ex)
+
+
+_UNION = "Does not validate against any of the Union subtypes"
+
+
+def unwrap_union_error(error: BaseException) -> BaseException:
+    """The constructor's own exception inside jsonargparse's "Does not validate against any of the
+    Union subtypes ... Given value: Namespace(...)" wrapper (which chains the first subtype's error
+    as its cause), so the user reads the real message first, with its type."""
+    seen = set()
+    while _UNION in str(error) and isinstance(error.__cause__, BaseException) and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__
+    return error
+
+
+def check_config_files(args: list[str]) -> None:
+    """The YAML files given with ``-c``/``--config``, read strictly before jsonargparse does: an
+    empty file ("Unexpected config:"), a syntax error (reported for ``<unicode string>``) and a
+    duplicate key (YAML keeps the last one silently) are named with the file and line."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first at line {seen[key] + 1}); YAML would keep the last one silently: remove one", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return loader.construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    files = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")]
+    files += [a.split("=", 1)[1] for a in args if a.startswith(("--config=", "-c="))]
+    for name in files:
+        try:
+            text = open(name, encoding="utf-8").read()
+        except OSError:
+            continue  # jsonargparse names a missing file itself
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {name!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        try:
+            data = yaml.load(text, Loader=StrictLoader)
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"config file {name!r}{where}: {e.problem or e.context}; fix the YAML") from None
+        if data is None:
+            raise ValueError(f"config file {name!r} is empty (or only comments); give it the config's keys (trd fit --print_config shows them)")
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {name!r} holds a {type(data).__name__}, not a mapping of keys; write it as `key: value` lines")

@@ -62,13 +62,15 @@ class PromptDataModule(LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1 (or null to use batch_size), got {eval_batch_size}")
         if task is None:
             from trd_lightning.tasks import ArithmeticTask
 
             task = ArithmeticTask()
         self.task = task
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.shuffle, self.num_workers = shuffle, num_workers
 
     def _problems(self, split: str) -> Sequence:

@@ -17,10 +17,10 @@ Definitions (q = teacher, p = student, y_t = the sampled token at position t):
   when two tokens share all the mass evenly, 0 for a point mass, and ``2/V`` for a uniform
   distribution over V tokens (about 0 for a real vocabulary). ``p2 / p1`` would score a uniform
   distribution 1, i.e. mistake "no idea" for "two clear options", which is why it is not used.
-* ``onset_mass``: ``sum_{v in onsets} q(v)``, the teacher's mass on correction-onset tokens ("!",
-  "Wait", ...): its willingness to start a correction here.
-* ``continue_mass``: ``q(y_t)`` if ``y_t`` is not an onset token, else 0: the teacher's mass on
-  carrying on exactly as the rollout did. Disjoint from ``onset_mass``, so the two sum to <= 1.
+* ``onset_mass``: ``sum_{o in onsets} q(o)``, the teacher's probability of starting a correction
+  here ("!", "Wait", ...); an onset of several tokens counts the probability of the whole sequence.
+* ``continue_mass``: ``q(y_t)`` if the rollout does not itself start an onset at t, else 0: the
+  teacher's mass on carrying on exactly as the rollout did.
 * ``t_star``: the first failed position of a row, ``-1`` when none: criterion ``"prob"`` flags the
   first t with ``q(y_t) < threshold``; criterion ``"top_p"`` the first t whose token lies outside the
   teacher's top-p set (the smallest set of most likely tokens with mass >= top_p; ``y_t`` is in it
@@ -75,6 +75,14 @@ def top2(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         raise ValueError(f"top-2 statistics need a vocabulary of >= 2 tokens, got {logits.shape[-1]}")
     probs, ids = log_probs(logits).exp().topk(2, dim=-1)
     return probs[..., 0], probs[..., 1], ids[..., 0], ids[..., 1]
+
+
+def starts_onset(tokens: torch.Tensor, mask: torch.Tensor, single_ids: torch.Tensor, multi) -> torch.Tensor:
+    """[B, N]: where the rollout itself starts a correction (an onset token, or a whole sequence)."""
+    hit = torch.isin(tokens, single_ids)
+    for sequence in multi:
+        hit = hit | starts_sequence(tokens, mask, sequence)
+    return hit
 
 
 def bimodality(logits: torch.Tensor) -> torch.Tensor:
@@ -231,18 +239,33 @@ def rollout_diagnostics(
     teacher_logits: torch.Tensor,
     response_ids: torch.Tensor,
     mask: torch.Tensor,
-    onset_ids: Sequence[int] | torch.Tensor,
+    onset_ids,
     *,
+    onset_continuations: dict[tuple[int, ...], torch.Tensor] | None = None,
     criterion: str = "prob",
     threshold: float = 0.05,
     top_p: float = 0.9,
     top_k: int = 5,
 ) -> RolloutDiagnostics:
-    """Every statistic of the module docstring for one batch; raises on an empty rollout."""
+    """Every statistic of the module docstring for one batch; raises on an empty rollout.
+
+    ``onset_ids``: onset token ids, or token sequences (`onset_token_ids`). A multi-token onset's
+    mass at t is ``q(o_1 | ..) * q(o_2 | .., o_1) * ...``: the first factor comes from
+    ``teacher_logits``, the rest from ``onset_continuations[sequence]`` ([B, N] log-probabilities,
+    `trd_lightning.audit.onset_continuation_logprob`), which need more teacher forwards.
+    """
     check_inputs(student_logits, teacher_logits, response_ids, mask)
     check_criterion(criterion, threshold, top_p)
     vocab = teacher_logits.shape[-1]
-    ids = _onset_tensor(onset_ids, vocab, teacher_logits.device)
+    single, multi = split_onsets(torch.as_tensor(onset_ids).tolist() if torch.is_tensor(onset_ids) else onset_ids)
+    missing = [s for s in multi if s not in (onset_continuations or {})]
+    if missing:
+        raise ValueError(
+            f"multi-token correction onsets {missing} need their continuation log-probabilities "
+            "(onset_continuations; trd_lightning.audit.diagnose computes them with the teacher)"
+        )
+    ids = _onset_tensor(single + [s[0] for s in multi], vocab, teacher_logits.device)
+    single_ids = _onset_tensor(single, vocab, teacher_logits.device) if single else ids[:0]
     mask = mask.bool()
     # Pad ids can be anything after the end; clamp so gathers stay in range (masked out below).
     tokens = torch.where(mask, response_ids, 0).long()
@@ -269,8 +292,11 @@ def rollout_diagnostics(
         top1_prob=masked(top_probs[..., 0]),
         top2_prob=masked(top_probs[..., 1]),
         bimodality=masked(2 * top_probs[..., 1]),
-        onset_mass=masked(q.index_select(-1, ids).sum(-1)),
-        continue_mass=masked(torch.where(torch.isin(tokens, ids), 0.0, q_tok.exp())),
+        onset_mass=masked(
+            q.index_select(-1, single_ids).sum(-1)
+            + sum((q[..., s[0]] * onset_continuations[s].to(q.device).exp() for s in multi), torch.zeros_like(q_tok))
+        ),
+        continue_mass=masked(torch.where(starts_onset(tokens, mask, single_ids, multi), 0.0, q_tok.exp())),
         t_star=first_true(failed & mask),
         topk_ids=top_ids[..., :top_k],
         topk_probs=top_probs[..., :top_k],
@@ -327,30 +353,53 @@ def at_offset_and_elsewhere(values: torch.Tensor, first_error: torch.Tensor, off
 
 
 # --- correction-onset strings -> token ids ------------------------------------------------------
-def onset_token_ids(tokenizer, strings: Sequence[str]) -> list[int]:
-    """One token id per correction-onset string; raises naming every string that is not one token.
+def onset_token_ids(tokenizer, strings: Sequence[str]) -> list[tuple[int, ...]]:
+    """The token sequence of each correction-onset string (``("!",)``, or ``"Wait"`` as the
+    several tokens a small BPE vocabulary splits it into); raises naming every string that encodes
+    to nothing or to the unknown token.
 
-    A word can be one token only with a leading space (" Wait") in BPE vocabularies: pass the
-    exact form that appears mid-text.
+    A sequence that extends another onset (``" Wait"`` then ``" Wait,"``) is dropped: starting the
+    longer one is part of starting the shorter, and counting both would count its mass twice.
     """
     if isinstance(strings, str):
         strings = [strings]
     if not strings:
         raise ValueError("no correction-onset strings: give at least one (e.g. task.correction_onsets)")
-    ids, bad = [], []
+    seqs, bad = set(), []
     unk = getattr(tokenizer, "unk_token_id", None)
     for s in strings:
-        enc = tokenizer.encode(s, add_special_tokens=False)
-        if len(enc) != 1:
-            bad.append(f"{s!r} -> {len(enc)} tokens {enc}")
-        elif enc[0] == unk and s != getattr(tokenizer, "unk_token", None):
+        enc = tuple(tokenizer.encode(s, add_special_tokens=False))
+        if not enc:
+            bad.append(f"{s!r} -> no tokens")
+        elif unk in enc and s != getattr(tokenizer, "unk_token", None):
             bad.append(f"{s!r} -> the unknown token")
         else:
-            ids.append(enc[0])
+            seqs.add(enc)
     if bad:
         raise ValueError(
-            "correction-onset strings must each encode to exactly one token; these do not: "
-            + "; ".join(bad)
-            + ". Use a single-token form (for BPE vocabularies often with a leading space, e.g. ' Wait') or drop them."
+            "correction-onset strings must encode to known tokens; these do not: " + "; ".join(bad) + ". Drop them or "
+            "use the form that appears mid-text (for BPE vocabularies often with a leading space, e.g. ' Wait')."
         )
-    return sorted(set(ids))
+    return sorted(q for q in seqs if not any(len(o) < len(q) and q[: len(o)] == o for o in seqs))
+
+
+def split_onsets(onsets) -> tuple[list[int], list[tuple[int, ...]]]:
+    """Single-token onsets (ints or 1-tuples) as ids, and the multi-token sequences."""
+    single, multi = [], []
+    for o in onsets:
+        o = (int(o),) if not isinstance(o, (tuple, list)) else tuple(int(t) for t in o)
+        (single.append(o[0]) if len(o) == 1 else multi.append(o))
+    return single, multi
+
+
+def starts_sequence(tokens: torch.Tensor, mask: torch.Tensor, sequence: tuple[int, ...]) -> torch.Tensor:
+    """[B, N]: where the response itself continues with ``sequence`` (all of it inside the response)."""
+    b, n = tokens.shape
+    m = len(sequence)
+    hit = torch.zeros(b, n, dtype=torch.bool, device=tokens.device)
+    if m > n:
+        return hit
+    window = tokens.unfold(1, m, 1)  # [B, N - m + 1, m]
+    inside = mask.unfold(1, m, 1).all(-1)
+    hit[:, : n - m + 1] = (window == torch.tensor(sequence, device=tokens.device)).all(-1) & inside
+    return hit

@@ -13,9 +13,18 @@ from typing import Any
 import torch
 
 
+def _adaptable_layer_types() -> tuple[type, ...]:
+    # What peft's LoRA wraps: linear layers and GPT-2's Conv1D (a transposed linear; peft sets
+    # fan_in_fan_out for it), plus embeddings and convolutions.
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
 def _linear_leaf_names(model: torch.nn.Module) -> list[str]:
-    """Short names of the model's linear layers: what ``target_modules`` can name."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    """Short names of the layers LoRA can adapt: what ``target_modules`` can name."""
+    types = _adaptable_layer_types()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, types)})
 
 
 def apply_lora(model: torch.nn.Module, config: dict[str, Any]) -> torch.nn.Module:
@@ -47,9 +56,21 @@ def apply_lora(model: torch.nn.Module, config: dict[str, Any]) -> torch.nn.Modul
         if missing:
             raise ValueError(
                 f"student_lora target_modules {missing} are not layers of the student "
-                f"({type(model).__name__}); its linear layers are {available}, or use 'all-linear'"
+                f"({type(model).__name__}); the layers LoRA can adapt are {available}, or use 'all-linear'"
             )
+    if "fan_in_fan_out" not in config and _targets_conv1d(model, target):
+        # GPT-2's Conv1D stores its weight transposed; peft would flip the flag itself, with a warning.
+        config["fan_in_fan_out"] = True
     return get_peft_model(model, LoraConfig(**config))
+
+
+def _targets_conv1d(model: torch.nn.Module, target) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    if target is None or target == "all-linear":
+        return False
+    names = {target} if isinstance(target, str) else set(target)
+    return any(isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in names for name, m in model.named_modules())
 
 
 def trainable_parameter_names(model: torch.nn.Module) -> set[str]:

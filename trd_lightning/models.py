@@ -5,6 +5,7 @@ Everything here runs before any compute is spent, so every failure names the pro
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,43 @@ def resolve_model_path(name: str | Path) -> Path:
     return path
 
 
-def load_tokenizer(name: str | Path) -> PreTrainedTokenizerBase:
+#: Any one of these makes a directory a tokenizer (fast, sentencepiece, BPE vocab, tiktoken).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken", "spiece.model", "vocab.txt")
+
+
+def check_tokenizer_files(name: str | Path, role: str = "model") -> None:
+    """transformers 5 returns an almost empty tokenizer (or asks for sentencepiece) for a folder
+    without tokenizer files; the errors that follow blame the vocabulary or the chat template."""
     path = resolve_model_path(name)
+    if not any((path / f).exists() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"the {role} directory {str(name)!r} has no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)}); "
+            "save the tokenizer next to the weights with tokenizer.save_pretrained(path)"
+        )
+
+
+def weights_fingerprint(name: str | Path) -> str:
+    """Identifies a model's weights cheaply (config.json, weight file names and sizes, and the first
+    and last MiB of each): a moved copy of the same folder has the same fingerprint, other weights
+    (almost surely) not. Used by ``--ckpt_path`` to honour a re-pointed path."""
+    import hashlib
+
+    path = resolve_model_path(name)
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")):
+        size = f.stat().st_size
+        digest.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            digest.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                digest.update(fh.read())
+    return digest.hexdigest()
+
+
+def load_tokenizer(name: str | Path, role: str = "model") -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name)
+    check_tokenizer_files(name, role)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         # Padding only ever feeds masked positions, so reusing EOS is safe; say so once.
@@ -75,6 +111,7 @@ def load_causal_lm(
     dtype: str | torch.dtype | None = None,
     quantization: dict[str, Any] | None = None,
     trainable: bool = True,
+    role: str = "model",
 ) -> torch.nn.Module:
     """A causal LM from a path; frozen (``eval``, no grad) unless ``trainable``.
 
@@ -84,17 +121,75 @@ def load_causal_lm(
     path = resolve_model_path(name)
     kwargs: dict[str, Any] = {}
     if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        kwargs["dtype"] = _dtype(dtype, role)
     if quantization:
         from trd_lightning.quantization import bitsandbytes_config
 
         kwargs.update(bitsandbytes_config(**quantization))
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file and role named
+        raise _loading_error(e, name, path, role) from e
+    missing = [k for k in info.get("missing_keys", []) if not _tied(model, k)]
+    if missing:
+        # transformers fills missing weights with random values and only logs it.
+        raise ValueError(
+            f"the {role} weights in {str(name)!r} do not cover its config.json: {len(missing)} tensors missing "
+            f"(e.g. {', '.join(sorted(missing)[:3])}), which would be random; fix num_hidden_layers and the other "
+            "sizes in config.json, or save the model again with save_pretrained"
+        )
+    if quantization:
+        from trd_lightning.quantization import probe_quantized_model
+
+        probe_quantized_model(model, 4 if quantization.get("load_in_4bit") else 8)
     if trainable:
         model.train()
     else:
         freeze(model)
     return model
+
+
+_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _dtype(dtype: str | torch.dtype, role: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPE_NAMES:
+        import difflib
+
+        close = difflib.get_close_matches(str(dtype), _DTYPE_NAMES, n=1)
+        raise ValueError(
+            f"{role}_dtype: unknown dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+        )
+    return getattr(torch, dtype)
+
+
+def _tied(model: torch.nn.Module, key: str) -> bool:
+    # a tied output embedding is "missing" from the file by design
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")
+
+
+def _loading_error(error: Exception, name, path: Path, role: str) -> Exception:
+    text = str(error)
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    weights = [f for f in _WEIGHT_FILES if (path / f).exists()]
+    where = f"{str(name)!r} ({', '.join(weights)})" if weights else repr(str(name))
+    if "deserializ" in text or "header" in text.lower() or "EOF" in text or "unpickl" in text.lower() or "zip" in text.lower():
+        return ValueError(
+            f"the {role} weights in {where} are truncated or corrupt ({type(error).__name__}: {first[:120]}); "
+            "copy or save the model again (save_pretrained)"
+        )
+    if "size mismatch" in text or "look at the above report" in text or "mismatched" in text.lower():
+        detail = next((line.strip() for line in text.splitlines() if "shape" in line or "size mismatch" in line), first)
+        return ValueError(
+            f"the {role} weights in {where} do not match its config.json ({detail[:200]}); the config's sizes "
+            "(hidden_size, num_hidden_layers, vocab_size, ...) must be those the weights were saved with"
+        )
+    if isinstance(error, (json.JSONDecodeError,)) or "config.json" in text:
+        return ValueError(f"the {role} config.json in {str(name)!r} cannot be read ({first[:160]}); fix or re-save it")
+    return type(error)(f"loading the {role} model from {str(name)!r} failed: {first}") if isinstance(error, (ValueError, OSError)) else error
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -168,25 +263,50 @@ SAMPLE_CONVERSATION = (
 )
 
 
-def _render_sample(tokenizer: PreTrainedTokenizerBase) -> str:
-    messages = list(SAMPLE_CONVERSATION)
+def _render(tokenizer: PreTrainedTokenizerBase, messages) -> str | None:
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception:  # some templates refuse a system turn; compare without it
-        return tokenizer.apply_chat_template(messages[1:], add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    except Exception:  # some templates refuse a system turn: that conversation is not compared
+        return None
+
+
+def check_same_rendering(student_tokenizer, teacher_tokenizer, messages, what: str) -> None:
+    """Both chat templates must render ``messages`` to the same text: prompts are rendered once
+    (by the task, with the student's template) and the teacher reads that same text."""
+    s, t = _render(student_tokenizer, messages), _render(teacher_tokenizer, messages)
+    if s is None or t is None or s == t:
+        return
+    i = next((k for k, (a, b) in enumerate(zip(s, t)) if a != b), min(len(s), len(t)))
+    raise ValueError(
+        f"student and teacher chat templates render {what} differently, from character "
+        f"{i}: student {s[max(0, i - 20): i + 40]!r} vs teacher {t[max(0, i - 20): i + 40]!r}; use a "
+        "teacher from the student's model family or save both tokenizers with the same chat_template"
+    )
 
 
 def _check_same_chat_template(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase) -> None:
-    """Prompts are rendered once (by the task) for both models: their templates must agree."""
+    """Prompts are rendered once (by the task) for both models: their templates must agree, with a
+    system turn and without one (a template may add a default system turn when none is given)."""
     if not (getattr(student_tokenizer, "chat_template", None) and getattr(teacher_tokenizer, "chat_template", None)):
         return
-    s, t = _render_sample(student_tokenizer), _render_sample(teacher_tokenizer)
-    if s != t:
-        i = next((k for k, (a, b) in enumerate(zip(s, t)) if a != b), min(len(s), len(t)))
+    check_same_rendering(student_tokenizer, teacher_tokenizer, SAMPLE_CONVERSATION, "a sample conversation")
+    check_same_rendering(student_tokenizer, teacher_tokenizer, SAMPLE_CONVERSATION[1:], "a sample conversation without a system turn")
+
+
+def position_limit(model: torch.nn.Module | None) -> int | None:
+    """The longest sequence (prompt + response) a model was built for, if its config says
+    (``max_position_embeddings``; GPT-2's ``n_positions`` answers to that name too)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def check_same_stop_ids(student_stop_ids: list[int], teacher_stop_ids: list[int]) -> None:
+    """Student and teacher must end a response at the same tokens: the teacher scores (and, in TRD,
+    writes) the student's responses, whose end is decided by one set of stop ids."""
+    if set(student_stop_ids) != set(teacher_stop_ids):
         raise ValueError(
-            "student and teacher chat templates render a sample conversation differently, from character "
-            f"{i}: student {s[max(0, i - 20): i + 40]!r} vs teacher {t[max(0, i - 20): i + 40]!r}; use a "
-            "teacher from the student's model family or save both tokenizers with the same chat_template"
+            f"student and teacher end responses at different tokens: student stop ids {sorted(student_stop_ids)}, "
+            f"teacher stop ids {sorted(teacher_stop_ids)} (generation_config.eos_token_id plus the tokenizer's EOS); "
+            "save both generation_config.json files with the same eos_token_id list"
         )
 
 

@@ -13,22 +13,26 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from trd_lightning.lora import apply_lora, is_lora, trainable_parameter_names
 from trd_lightning.losses import LOSSES, TEACHER_FREE, compute_loss
 from trd_lightning.models import (
     check_compatible,
     check_model_matches_tokenizer,
+    check_same_rendering,
+    check_same_stop_ids,
     freeze,
     load_causal_lm,
     load_tokenizer,
+    position_limit,
 )
 from trd_lightning.rollout import (
     Context,
@@ -37,16 +41,32 @@ from trd_lightning.rollout import (
     build_context,
     decode_responses,
     encode_prompts,
+    eval_mode,
     response_logits,
     sample_responses,
+    stop_token_ids,
 )
 from trd_lightning.resume import rng_states, set_rng_states
 from trd_lightning.sharding import configure_sharding
-from trd_lightning.tasks.base import Task
+from trd_lightning.tasks.base import Task, problem_record
 
 # `sampling` is a hyperparameter, so it is pickled into every checkpoint, and Lightning resumes
 # with torch.load(weights_only=True): without this, `trd fit --ckpt_path` cannot read its own file.
 torch.serialization.add_safe_globals([Sampling])
+
+_HALF_DTYPES = ("bfloat16", "float16")
+
+
+def half_precision_weights_message(setting: str) -> str:
+    """Why the student's trained weights must stay in float32, and the fix."""
+    return (
+        f"{setting} trains the student's weights themselves in half precision: an update smaller than the "
+        "weight's rounding step is lost (measured: with lr 5e-6 only 6.7 % of bf16 weights changed after 3 steps, "
+        "87.9 % in float32). Keep float32 master weights and compute in bf16: leave student_dtype unset (or "
+        "float32) and set trainer.precision: bf16-mixed; or train LoRA adapters (student_lora), whose weights "
+        "peft keeps in float32 over a half-precision base"
+    )
+
 
 LossName = Literal["reverse_kl", "forward_kl", "generalized_jsd", "topk_reverse_kl", "k1", "k3", "cross_entropy"]
 
@@ -114,17 +134,20 @@ class DistillationModule(LightningModule):
         self._task = task
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
 
+        if student_dtype in _HALF_DTYPES and not student_lora:
+            raise ValueError(half_precision_weights_message(f"student_dtype: {student_dtype}"))
         # Everything that can fail on bad input runs here, before a single forward pass.
-        self._tokenizer = load_tokenizer(student)
+        self._tokenizer = load_tokenizer(student, role="student")
         self._check_loss_kwargs()
-        self.student = load_causal_lm(student, dtype=student_dtype, trainable=True)
+        self.student = load_causal_lm(student, dtype=student_dtype, trainable=True, role="student")
         if student_lora:
             # Before the OPSD teacher copy below, so an EMA teacher pairs with the student 1:1.
             self.student = apply_lora(self.student, student_lora)
         check_model_matches_tokenizer(self.student, self._tokenizer, "student")
         if mode == "opd":
-            check_compatible(self._tokenizer, load_tokenizer(teacher))
-            self.teacher = load_causal_lm(teacher, dtype=teacher_dtype, quantization=teacher_quantization, trainable=False)
+            self._teacher_tokenizer = load_tokenizer(teacher, role="teacher")
+            check_compatible(self._tokenizer, self._teacher_tokenizer)
+            self.teacher = load_causal_lm(teacher, dtype=teacher_dtype, quantization=teacher_quantization, trainable=False, role="teacher")
             check_model_matches_tokenizer(self.teacher, self._tokenizer, "teacher")
             self._check_same_logit_width()
         elif opsd_teacher in ("frozen", "ema"):
@@ -132,6 +155,11 @@ class DistillationModule(LightningModule):
         else:
             self.teacher = None  # live: the student itself plays the teacher under no_grad
         self._check_context_length()
+        # Every id that ends a response (generation_config's EOS list and the tokenizer's EOS):
+        # rollouts, revisions and response masks stop at the first of them, as generate does.
+        self.stop_ids = stop_token_ids(self.student, self._tokenizer)
+        if mode == "opd":
+            check_same_stop_ids(self.stop_ids, stop_token_ids(self.teacher, self._tokenizer))
         self.nonfinite = nonfinite
         self.skipped_nonfinite = 0  # training state: checkpointed
         self._discard_grads = False
@@ -165,7 +193,9 @@ class DistillationModule(LightningModule):
         return self.task.privileged_prompt(problem) if self.mode == "opsd" else self.task.student_prompt(problem)
 
     def sample(self, prompts, *, role="student", sampling=None, num_return_sequences=1):
-        ids, mask = encode_prompts(self.tokenizer, prompts, self.device, self.max_prompt_length)
+        # max_prompt_length bounds x and c; a refinement context c_r has the reviser's own budget.
+        limit = None if role == "refiner" else self.max_prompt_length
+        ids, mask = encode_prompts(self.tokenizer, prompts, self.device, limit)
         return sample_responses(
             self.model_for(role),
             self.tokenizer,
@@ -174,13 +204,17 @@ class DistillationModule(LightningModule):
             sampling or self.sampling,
             num_return_sequences=num_return_sequences,
             synced_gpus=self._synced_gpus(),
+            stop_ids=self.stop_ids,
         )
 
     def score(self, context: Context, *, role: str) -> torch.Tensor:
         if role == "student":
             return response_logits(self.student, context)
-        with torch.no_grad():
-            return response_logits(self.model_for(role), context)
+        model = self.model_for(role)
+        # A live OPSD teacher is the student itself, in train mode for the update: its targets
+        # are computed with dropout off (a frozen teacher is in eval mode already).
+        with torch.no_grad(), eval_mode(model):
+            return response_logits(model, context)
 
     # --- rollouts ---------------------------------------------------------------------------
     def make_rollout(self, problems: list) -> Rollout:
@@ -194,7 +228,7 @@ class DistillationModule(LightningModule):
         student_prompts = [self.task.student_prompt(p) for p in problems]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, student_prompts, self.device, self.max_prompt_length)
         response, mask = sample_responses(
-            self.student, self.tokenizer, prompt_ids, prompt_mask, self.sampling, synced_gpus=self._synced_gpus()
+            self.student, self.tokenizer, prompt_ids, prompt_mask, self.sampling, synced_gpus=self._synced_gpus(), stop_ids=self.stop_ids
         )
         student = Context.joined(prompt_ids, prompt_mask, response, mask)
         teacher_prompts = [self.teacher_prompt(p) for p in problems]
@@ -232,10 +266,23 @@ class DistillationModule(LightningModule):
         self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/response_tokens", rollout.lengths.float().mean(), batch_size=bs)
+        sampled = rollout.info.get("original", rollout)  # a two-pass reviser's y_o holds the sampling time
+        if sampled.info.get("seconds"):
+            tokens = float(sampled.lengths.sum())
+            self.log("train/rollout_tokens_per_s", tokens / sampled.info["seconds"], prog_bar=True, batch_size=bs)
         return loss
 
-    def _eval_step(self, batch: dict, stage: str) -> torch.Tensor:
-        rollout = self.make_rollout(batch["problems"])
+    #: Base seed of evaluation rollouts (see `_eval_step`).
+    EVAL_SEED = 4321
+
+    def _eval_step(self, batch: dict, stage: str, batch_idx: int) -> torch.Tensor:
+        # Evaluation rollouts draw from their own seeded RNG, forked off the global one: the
+        # numbers repeat between fit's final test and `trd test --ckpt_path`, and a validation in
+        # the middle of training leaves the training rollouts' random state untouched.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.EVAL_SEED + 100_003 * batch_idx + 7919 * self.global_rank)
+            rollout = self.make_rollout(batch["problems"])
         loss = self.distillation_loss(rollout)
         bs = len(rollout.problems)
         self.log(f"{stage}/loss", loss, batch_size=bs, sync_dist=True)
@@ -243,17 +290,18 @@ class DistillationModule(LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "val")
+        return self._eval_step(batch, "val", batch_idx)
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "test")
+        return self._eval_step(batch, "test", batch_idx)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         prompts = [self.task.student_prompt(p) for p in batch["problems"]]
         ids, mask = self.sample(prompts)
         texts = decode_responses(self.tokenizer, ids, mask)
         return [
-            {"prompt": q, "response": r, "correct": self.task.verify(p, r)}
+            # A plain record, not the task's object: Lightning walks (and rebuilds) what predict returns.
+            {"problem": problem_record(p), "prompt": q, "response": r, "verified": bool(self.task.verify(p, r))}
             for p, q, r in zip(batch["problems"], prompts, texts)
         ]
 
@@ -309,6 +357,15 @@ class DistillationModule(LightningModule):
                 "was it written for a different student or config?"
             )
         return result
+
+    def on_fit_start(self) -> None:
+        # Lightning warns about every module in eval mode at the start of training; the frozen
+        # teacher is in eval mode by design. Say so once, and silence the warning only when the
+        # teacher is all it would count (any other module in eval mode still warns).
+        eval_modules = [name for name, m in self.named_modules() if not m.training]
+        if eval_modules and all(name.startswith("teacher") for name in eval_modules):
+            warnings.filterwarnings("ignore", message=rf"Found {len(eval_modules)} module\(s\) in eval mode at the start of training")
+            rank_zero_info(f"the frozen teacher ({len(eval_modules)} modules) is in eval mode by design (no dropout, no grad)")
 
     def configure_model(self) -> None:
         # Under a ModelParallelStrategy (FSDP2) the student is sharded here, before the optimizer
@@ -396,15 +453,77 @@ class DistillationModule(LightningModule):
             return
         if self.max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1 (or None for no limit), got {self.max_prompt_length}")
-        need = self.max_prompt_length + self.sampling.max_new_tokens
+        self._check_fits(self.max_prompt_length, "max_prompt_length", "lower max_prompt_length or sampling.max_new_tokens")
+
+    def _check_fits(self, prompt_tokens: int, what: str, fix: str) -> None:
+        need = prompt_tokens + self.sampling.max_new_tokens
         for role, model in (("student", self.student), ("teacher", self.teacher)):
-            limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            limit = position_limit(model)
             if limit is not None and need > limit:
                 raise ValueError(
-                    f"max_prompt_length + sampling.max_new_tokens = {self.max_prompt_length} + "
-                    f"{self.sampling.max_new_tokens} = {need} exceeds the {role}'s max_position_embeddings "
-                    f"({limit}); lower max_prompt_length or sampling.max_new_tokens so they sum to at most {limit}"
+                    f"{what} + sampling.max_new_tokens = {prompt_tokens} + {self.sampling.max_new_tokens} = {need} "
+                    f"exceeds the {role}'s max_position_embeddings ({limit}); {fix} so they sum to at most {limit}"
                 )
+
+    #: Splits longer than this (tasks generated on the fly) are checked on their first problems
+    #: here and batch by batch afterwards (`encode_prompts` refuses an over-long prompt).
+    PREFLIGHT_PROBLEMS = 100_000
+
+    def setup(self, stage: str) -> None:
+        precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
+        if stage == "fit" and precision in ("bf16-true", "16-true", "bf16", "16") and not is_lora(self.student):
+            raise ValueError(half_precision_weights_message(f"trainer.precision: {precision}"))
+        # Before any compute: every prompt the run will encode must fit its budget, since prompts
+        # are never cut (see `encode_prompts`), and a prompt past the positions would crash inside
+        # generate (absolute positions) or run past what the model was trained for.
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}.get(stage, ())
+        try:
+            task = self.task
+        except RuntimeError:
+            return  # no task yet: a module driven by hand checks nothing here
+        for split in splits:
+            self.check_prompt_lengths(task, split)
+            self._check_teacher_reads_the_prompts(task, split)
+
+    def _check_teacher_reads_the_prompts(self, task: Task, split: str) -> None:
+        """The task renders each prompt once, with the student's chat template, and the teacher
+        reads that text: check the teacher's template renders the task's own conversations alike."""
+        chat_messages = getattr(task, "chat_messages", None)
+        teacher_tokenizer = getattr(self, "_teacher_tokenizer", None)
+        problems = task.problems(split)
+        if self.mode != "opd" or chat_messages is None or teacher_tokenizer is None or not len(problems):
+            return
+        messages = chat_messages(problems[0])
+        if messages is not None and getattr(teacher_tokenizer, "chat_template", None):
+            check_same_rendering(self.tokenizer, teacher_tokenizer, messages, f"the task's {split} prompts")
+
+    def check_prompt_lengths(self, task: Task, split: str) -> None:
+        """Refuse a split whose student or teacher prompts exceed ``max_prompt_length`` or, with the
+        response budget, the models' positions; the message counts them and names the longest."""
+        problems = task.problems(split)
+        problems = [problems[i] for i in range(min(len(problems), self.PREFLIGHT_PROBLEMS))]
+        if not problems:
+            return
+        views = {"student prompt": [task.student_prompt(p) for p in problems]}
+        if self.mode == "opsd":
+            views["teacher prompt (with the reference)"] = [self.teacher_prompt(p) for p in problems]
+        for what, prompts in views.items():
+            lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+            longest = max(range(len(lengths)), key=lengths.__getitem__)
+            where = f"the {split} split's longest {what} ({lengths[longest]} tokens, problem {longest}" + (
+                f", {problems[longest].source})" if hasattr(problems[longest], "source") else ")"
+            )
+            if self.max_prompt_length is not None:
+                over = sum(n > self.max_prompt_length for n in lengths)
+                if over:
+                    raise ValueError(
+                        f"{over} of {len(lengths)} {what}s of the {split} split exceed max_prompt_length="
+                        f"{self.max_prompt_length} tokens; {where}. Prompts are never cut (that would remove the problem "
+                        "or the reference): raise max_prompt_length (within the models' positions) or remove those "
+                        "problems from the data"
+                    )
+            else:
+                self._check_fits(lengths[longest], where, "set max_prompt_length and remove longer problems, or lower sampling.max_new_tokens,")
 
     def _synced_gpus(self) -> bool:
         # Sharded generation: every rank must keep stepping until all ranks finish.
@@ -412,6 +531,10 @@ class DistillationModule(LightningModule):
 
     def _check_loss_kwargs(self) -> None:
         """Fail on a misspelled loss argument now, not after the first rollout."""
+        clip = self.loss_kwargs.get("clip")
+        if clip is not None and not clip > 0:
+            # clamp(max=clip) with clip <= 0 makes every position a constant: nothing is learned
+            raise ValueError(f"loss_kwargs.clip must be > 0 (a per-token divergence cap), got {clip}; or null for no clip")
         logits = torch.zeros(1, 1, 2)
         try:
             compute_loss(self.loss_name, logits, logits, torch.ones(1, 1, dtype=torch.bool), tokens=torch.zeros(1, 1, dtype=torch.long), **self.loss_kwargs)

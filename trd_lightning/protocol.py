@@ -27,6 +27,17 @@ class RolloutModel(Protocol):
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase: ...
 
+    @property
+    def max_prompt_length(self) -> int | None:
+        """Token budget of the student's prompt ``x`` (``None``: the models' positions); prompts
+        over it are refused, never cut (see `trd_lightning.rollout.encode_prompts`)."""
+        ...
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Every token id that ends a response (see `trd_lightning.rollout.stop_token_ids`)."""
+        ...
+
     def sample(
         self, prompts: list[str], *, role: Role = "student", sampling: Sampling | None = None, num_return_sequences: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,6 +67,45 @@ def check_bitsandbytes(bits: int, device: torch.device | None = None) -> None:
         ) from None
 
 
+#: bitsandbytes' 4-bit block size on the CPU: its matmul reshapes each quantized weight into
+#: blocks along the input dimension, so a layer whose input width is not a multiple of it fails
+#: at its first forward ("shape '[96, 1]' is invalid for input of size 144"), not at load.
+CPU_4BIT_BLOCK = 64
+
+
+def probe_quantized_model(model: torch.nn.Module, bits: int) -> None:
+    """Run the loaded quantized model once on two tokens, so a kernel that cannot handle one of its
+    real layer shapes fails here, before any compute, naming the layers and the rule.
+
+    The import-time probe (`check_bitsandbytes`) only shows that the backend runs at all; which
+    layer widths it accepts depends on the backend (measured on this CPU build: 4-bit needs input
+    widths that are multiples of 64; 32 is not enough), so the model's own layers are what count.
+    """
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+    except Exception as err:
+        bnb = _import_bitsandbytes()
+        layer_type = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+        odd = [
+            f"{name} (in_features {m.in_features})"
+            for name, m in model.named_modules()
+            if isinstance(m, layer_type) and m.in_features % CPU_4BIT_BLOCK
+        ]
+        rule = (
+            f"; on {device.type} the {bits}-bit kernel needs every quantized layer's input width to be a multiple of "
+            f"{CPU_4BIT_BLOCK}, and these are not: {', '.join(odd[:6])}{' ...' if len(odd) > 6 else ''}. Keep them in full "
+            "precision with teacher_quantization.skip_modules, use load_in_8bit, or a GPU"
+            if odd
+            else ""
+        )
+        raise RuntimeError(
+            f"the {bits}-bit quantized teacher fails its first forward on {device.type} "
+            f"({type(err).__name__}: {err}){rule}"
+        ) from None
+
+
 def bitsandbytes_config(
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,

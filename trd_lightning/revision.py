@@ -17,13 +17,14 @@ A reviser only uses the `RolloutModel` protocol (``task``, ``tokenizer``, ``samp
 from __future__ import annotations
 
 import time
+import warnings
 from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
 
 from trd_lightning.decoding import Proposer, top_p_mask
-from trd_lightning.models import check_compatible, load_causal_lm, load_tokenizer
+from trd_lightning.models import check_compatible, load_causal_lm, load_tokenizer, position_limit
 from trd_lightning.rollout import (
     Context,
     Rollout,
@@ -68,9 +69,10 @@ def assemble_rollout(
     ids = torch.full((len(responses), width), tok.pad_token_id, dtype=torch.long, device=device)
     if responses and int(lengths.sum()):
         ids[mask] = torch.cat(responses).to(device=device, dtype=torch.long)
-    limit = getattr(module, "max_prompt_length", None)
-    student = build_context(tok, [module.task.student_prompt(p) for p in problems], ids, mask, limit)
-    teacher = build_context(tok, teacher_prompts, ids, mask, limit)
+    student = build_context(tok, [module.task.student_prompt(p) for p in problems], ids, mask, module.max_prompt_length)
+    # The teacher's prompts are checked where they are made: c_r against the reviser's budget
+    # (`refinement_contexts`), the plain ones against max_prompt_length before the run.
+    teacher = build_context(tok, teacher_prompts, ids, mask)
     return Rollout(list(problems), ids, mask, student, teacher, dict(info or {}))
 
 
@@ -107,6 +109,46 @@ def revision_stats(module, original: Rollout, revised_rows: torch.Tensor, t_star
     }
 
 
+def refinement_contexts(task, tokenizer, problems: list, attempts: list[torch.Tensor], privileged: bool, limit: int | None):
+    """The refinement contexts ``c_r`` of ``problems``, each within ``limit`` tokens.
+
+    ``c_r`` always holds the whole problem (and, when privileged, the reference): only the attempt
+    is shortened, by one stated rule: its last tokens go, as few as needed (the refiner keeps the
+    attempt's start, its structure and first steps). Returns the contexts and what was cut
+    (``{"rows": ..., "tokens": ...}``, logged as ``revision/attempts_cut`` and
+    ``revision/attempt_tokens_cut``). A problem whose context does not fit even with an empty
+    attempt is an error.
+    """
+    def render(problem, ids) -> str:
+        text = tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+        return task.refinement_prompt(problem, text, privileged=privileged)
+
+    def length(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    contexts, cut = [], {"rows": 0, "tokens": 0}
+    for problem, attempt in zip(problems, attempts):
+        context = render(problem, attempt)
+        if limit is not None and length(context) > limit:
+            if length(render(problem, attempt[:0])) > limit:
+                raise ValueError(
+                    f"the refinement context of a problem does not fit {limit} tokens even without the attempt "
+                    f"({'problem + reference' if privileged else 'problem'} + instructions take "
+                    f"{length(render(problem, attempt[:0]))}); c_r must hold the whole problem, so raise the limit "
+                    "(RewriteReviser(max_context_tokens=...), within the refiner's and teacher's positions minus "
+                    "max_new_tokens), lower the refiner's max_new_tokens, or remove that problem from the data"
+                )
+            low, high = 0, len(attempt) - 1  # the longest prefix of the attempt that fits: binary search
+            while low < high:
+                mid = (low + high + 1) // 2
+                low, high = (mid, high) if length(render(problem, attempt[:mid])) <= limit else (low, mid - 1)
+            context = render(problem, attempt[:low])
+            cut["rows"] += 1
+            cut["tokens"] += len(attempt) - low
+        contexts.append(context)
+    return contexts, cut
+
+
 class RewriteReviser(Reviser):
     """The paper's reviser: the refiner rewrites the attempt under ``c_r`` in one pass.
 
@@ -118,10 +160,11 @@ class RewriteReviser(Reviser):
         sampling: how the refiner samples; default: the module's rollout sampling.
         refiner: a separate refiner model path; default: the module's ``refiner`` role (the OPD
             teacher, or the frozen initial student in OPSD).
-        max_context_tokens: longest refinement context allowed; default: the refiner's position
-            limit minus ``max_new_tokens``. Tasks truncate long attempts themselves (the
-            arithmetic task keeps the first ``max_attempt_chars``); anything still too long is
-            an error, because cutting the problem or the reference would corrupt ``c_r``.
+        max_context_tokens: longest refinement context allowed; default: the refiner's and the
+            teacher's position limit minus ``max_new_tokens``. A longer ``c_r`` keeps the whole
+            problem (and reference) and drops the attempt's last tokens, as few as needed, counted
+            in ``revision/attempts_cut`` and ``revision/attempt_tokens_cut``; a problem that does
+            not fit even without its attempt is an error (see `refinement_contexts`).
         verified: replace each rewrite that the task's verifier fails by the rollout ``y_o``
             itself, scored by the teacher under its ordinary context (``x``; ``(x, y*)`` in OPSD),
             so a broken rewrite is never a target. Unlike ``refine="failed"`` (which the paper
@@ -153,6 +196,7 @@ class RewriteReviser(Reviser):
         self.refine, self.privileged, self.sampling = refine, privileged, sampling
         self.refiner_path, self.max_context_tokens = refiner, max_context_tokens
         self._refiner = None
+        self._warned_cut = False
 
     def setup(self, module) -> None:
         if self.refiner_path is not None and self._refiner is None:
@@ -163,11 +207,13 @@ class RewriteReviser(Reviser):
         return self.privileged if self.privileged is not None else getattr(module, "mode", "opd") == "opsd"
 
     def _limit(self, module, sampling: Sampling) -> int | None:
+        """Tokens ``c_r`` may take: the refiner writes ``y_r`` after it and the teacher scores
+        ``c_r + y_r``, so both models' positions bound it."""
         if self.max_context_tokens is not None:
             return self.max_context_tokens
-        model = self._refiner if self._refiner is not None else module.model_for("refiner")
-        n_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        return None if n_pos is None else n_pos - sampling.max_new_tokens
+        models = [self._refiner if self._refiner is not None else module.model_for("refiner"), module.model_for("teacher")]
+        limits = [n for n in map(position_limit, models) if n is not None]
+        return min(limits) - sampling.max_new_tokens if limits else None
 
     def revise(self, module, rollout: Rollout) -> Rollout:
         task, tok = module.task, module.tokenizer
@@ -185,25 +231,29 @@ class RewriteReviser(Reviser):
         if picked or dummy:
             if dummy:
                 picked = [0]
-            prompts = [task.refinement_prompt(rollout.problems[i], texts[i], privileged=privileged) for i in picked]
             limit = self._limit(module, sampling)
-            lengths = [len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
-            if limit is not None and max(lengths) > limit:
-                raise ValueError(
-                    f"a refinement context has {max(lengths)} tokens but the refiner allows {limit} "
-                    f"(position limit minus max_new_tokens={sampling.max_new_tokens}); shorten the attempt "
-                    "the task puts into c_r (e.g. ArithmeticTask(max_attempt_chars=...)) or set max_context_tokens"
+            prompts, cut = refinement_contexts(
+                task, tok, [rollout.problems[i] for i in picked], [originals[i] for i in picked], privileged, limit
+            )
+            if cut["rows"] and not self._warned_cut:
+                self._warned_cut = True
+                warnings.warn(
+                    f"{cut['rows']} of {len(prompts)} refinement contexts exceeded {limit} tokens: their attempts lost "
+                    f"{cut['tokens']} tokens at the end (the problem{' and the reference stay' if privileged else ' stays'} whole); "
+                    "later cuts are counted in revision/attempts_cut and revision/attempt_tokens_cut",
+                    stacklevel=2,
                 )
             refiner_logits = None
             if self._refiner is not None:
                 ids, mask = encode_prompts(tok, prompts, module.device)
-                out, out_mask = sample_responses(self._refiner, tok, ids, mask, sampling)
+                out, out_mask = sample_responses(self._refiner, tok, ids, mask, sampling, stop_ids=module.stop_ids)
             elif self._refiner_is_teacher(module) and len(picked) == len(originals):
                 # The teacher scores y_r under c_r, which is what the refiner (the same model)
                 # just generated from: keep generate's logits instead of a second forward.
-                ids, mask = encode_prompts(tok, prompts, module.device, getattr(module, "max_prompt_length", None))
+                ids, mask = encode_prompts(tok, prompts, module.device)  # c_r has its own budget (limit above)
                 out, out_mask, refiner_logits = sample_responses(
-                    module.model_for("refiner"), tok, ids, mask, sampling, synced_gpus=synced, return_logits=True
+                    module.model_for("refiner"), tok, ids, mask, sampling, synced_gpus=synced, return_logits=True,
+                    stop_ids=module.stop_ids,
                 )
             else:
                 out, out_mask = module.sample(prompts, role="refiner", sampling=sampling)
@@ -215,27 +265,24 @@ class RewriteReviser(Reviser):
         t_star[~revised_rows] = -1
         info = revision_stats(module, rollout, revised_rows, t_star, new)
         info["revision_tokens"] = int(out.numel()) if picked and not dummy else 0  # what the refiner decoded
+        # The stated rule for a c_r over budget: the attempt's last tokens go (counted here).
+        info["attempts_cut"] = 0 if dummy or not picked else cut["rows"]
+        info["attempt_tokens_cut"] = 0 if dummy or not picked else cut["tokens"]
         revised = assemble_rollout(module, rollout.problems, new, teacher_prompts, info)
         if picked and not dummy and refiner_logits is not None:
             revised = revised.replace(teacher_logits=refiner_logits)
-        return self._apply_options(module, rollout, revised)
+        return self._apply_options(module, rollout, revised, selected, teacher_prompts)
 
-    def _apply_options(self, module, rollout: Rollout, revised: Rollout) -> Rollout:
-        """``verified`` and ``target_context``: which rows are trained on, under which teacher context."""
+    def _apply_options(self, module, rollout: Rollout, revised: Rollout, selected: list[bool], teacher_prompts: list[str]) -> Rollout:
+        """``verified`` and ``target_context``: which rows are trained on, under which teacher context.
+        ``selected``: the rows `revise` rewrote; ``teacher_prompts``: their ``c_r`` (others: ``x``)."""
         if not self.verified and self.target_context == "refinement":
             return revised
         task, tok = module.task, module.tokenizer
         originals, new = rows(rollout), rows(revised)
-        texts_o = decode_responses(tok, rollout.response_ids, rollout.response_mask)
         texts_r = decode_responses(tok, revised.response_ids, revised.response_mask)
         plain = [module.teacher_prompt(p) for p in rollout.problems]
-        privileged = self._privileged(module)
-        # The same selection and c_r as `revise` (tasks build c_r deterministically from y_o).
-        selected = [self.refine == "all" or not task.verify(p, t) for p, t in zip(rollout.problems, texts_o)]
-        prompts = [
-            task.refinement_prompt(p, t, privileged=privileged) if sel and self.target_context == "refinement" else x
-            for p, t, sel, x in zip(rollout.problems, texts_o, selected, plain)
-        ]
+        prompts = list(teacher_prompts) if self.target_context == "refinement" else list(plain)
         ok = [task.verify(p, t) for p, t in zip(rollout.problems, texts_r)]
         rejected = [sel and not good for sel, good in zip(selected, ok)] if self.verified else [False] * len(new)
         for i, bad in enumerate(rejected):
@@ -248,7 +295,8 @@ class RewriteReviser(Reviser):
         n_selected = max(sum(selected), 1)
         info["rewrite_accuracy"] = sum(g for g, sel in zip(ok, selected) if sel) / n_selected
         info["rejected_rewrites"] = sum(rejected) / max(len(rejected), 1)
-        info["revision_tokens"] = revised.info.get("revision_tokens", 0)
+        for key in ("revision_tokens", "attempts_cut", "attempt_tokens_cut"):
+            info[key] = revised.info.get(key, 0)
         # The refiner's logits belonged to c_r and to the rewrites: the loss scores afresh.
         return assemble_rollout(module, rollout.problems, new, prompts, info)
 
@@ -327,6 +375,10 @@ class PrefixSpliceReviser(Reviser):
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (or null for the module's sampling budget), got {max_new_tokens}")
+        if not 0 <= min_mass <= 1:
+            raise ValueError(f"min_mass is a probability mass and must be in [0, 1], got {min_mass}")
         if not isinstance(lookahead, int) or lookahead < 1:
             raise ValueError(f"lookahead must be an integer >= 1 (tokens drafted per teacher forward), got {lookahead!r}")
         if fused and refine == "failed":
@@ -354,7 +406,7 @@ class PrefixSpliceReviser(Reviser):
             )
         sampling = getattr(module, "sampling", None)
         if self.fused and sampling is not None:
-            Proposer(sampling.generate_kwargs(), module.tokenizer.eos_token_id)  # refuses what it cannot honour
+            Proposer(sampling.generate_kwargs(), module.stop_ids)  # refuses what it cannot honour
 
     # --- the two decisions, shared by both forms ------------------------------------------------
     def disowned(self, teacher_logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -384,7 +436,7 @@ class PrefixSpliceReviser(Reviser):
         s_ids, s_mask = encode_prompts(tok, student_prompts, device, limit)
         same_prompt = teacher_prompts == student_prompts
         t_ids, t_mask = (s_ids, s_mask) if same_prompt else encode_prompts(tok, teacher_prompts, device, limit)
-        propose = Proposer(sampling.generate_kwargs(), tok.eos_token_id)
+        propose = Proposer(sampling.generate_kwargs(), module.stop_ids)
         remaining = torch.full((len(problems),), self._budget(module), device=device)
         minimum = torch.full_like(remaining, propose.min_new_tokens)
         decode = SpliceDecode(self, module, s_ids, s_mask, t_ids, t_mask, remaining, minimum, propose)

@@ -8,7 +8,9 @@ though their prompts differ (``x`` versus ``c``). No gather, no per-row Python l
 
 from __future__ import annotations
 
-import warnings
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,6 +30,8 @@ class Sampling:
     def __post_init__(self):
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -99,26 +103,31 @@ class Rollout:
         return replace(self, **changes)
 
 
-_warned_truncation = False
+class PromptTooLongError(ValueError):
+    """A prompt does not fit its token budget. Prompts are never cut: cutting from the left removes
+    the problem statement (or, in a teacher's context, the reference); cutting from the right removes
+    the answer marker the response must follow."""
 
 
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device | str, max_length: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids. Over-long prompts keep their *last* ``max_length`` tokens.
+    """Left-padded prompt ids; a prompt over ``max_length`` tokens is refused, never cut.
 
-    The end of a prompt is where the question and the answer marker are; the start (a long
-    reference or attempt) is what can be lost with the least harm. A warning says it happened.
+    `DistillationModule` checks every prompt of the run's splits against its budget before any
+    compute (``setup``); this is the safety net for prompts that check did not see.
     """
-    global _warned_truncation
     enc = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     if not all(enc):
         raise ValueError("empty prompt: every prompt must encode to at least one token")
-    if max_length is not None and max(map(len, enc)) > max_length:
-        if not _warned_truncation:
-            warnings.warn(f"prompts longer than {max_length} tokens are truncated from the left", stacklevel=2)
-            _warned_truncation = True
-        enc = [ids[-max_length:] for ids in enc]
+    if max_length is not None:
+        over = [len(ids) for ids in enc if len(ids) > max_length]
+        if over:
+            raise PromptTooLongError(
+                f"{len(over)} of {len(enc)} prompts in this batch exceed max_prompt_length={max_length} tokens "
+                f"(longest {max(over)}); prompts are never cut, since that would remove the problem or the reference: "
+                "raise max_prompt_length (within the models' positions) or remove the longest problems from the data"
+            )
     # One tensor for the whole batch (a tensor per row costs more than the tokenizer here).
     return left_pad([torch.tensor([t for row in enc for t in row])], tokenizer.pad_token_id, device, [len(r) for r in enc])
 
@@ -142,12 +151,54 @@ def left_pad(
     return ids, mask.long()
 
 
+def stop_token_ids(model: torch.nn.Module | None, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a response: the model's ``generation_config.eos_token_id`` (one id or a
+    list) and the tokenizer's EOS.
+
+    Real checkpoints often ship a tokenizer whose EOS is ``<|endoftext|>`` while chat turns end in
+    ``<|im_end|>``, with both listed in ``generation_config``: plain ``generate`` stops at either, so
+    rollouts, the splice decode and the response masks must too, or the text after the end of the
+    turn is sampled and trained on.
+    """
+    ids: list[int] = []
+    config = getattr(model, "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
+    for value in ([configured] if isinstance(configured, int) else list(configured or [])) + [tokenizer.eos_token_id]:
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    if not ids:
+        raise ValueError(
+            "neither the model's generation_config nor its tokenizer names an EOS token, so a response could never end; "
+            "set generation_config.eos_token_id (or the tokenizer's eos_token) and save the model again"
+        )
+    return ids
+
+
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
-    """True up to and including the first EOS of each row (the whole row if none)."""
+    """True up to and including the first stop token of each row (the whole row if none)."""
     eos = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=response_ids.device)
     is_eos = torch.isin(response_ids, eos).long()
     ended_before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before each position
     return ended_before == 0
+
+
+@contextmanager
+def eval_mode(*models: torch.nn.Module | None) -> Iterator[None]:
+    """Every given model in eval mode inside the block, each submodule's own mode restored after.
+
+    Rollouts are sampled, and a teacher role scores, with dropout off: the policy that samples is
+    the one that is evaluated, and a target is not noised. The training forward that follows runs
+    in the mode the caller had set (train mode for the update).
+    """
+    saved = [(m, m.training) for model in models if model is not None for m in model.modules()]
+    for model in models:
+        if model is not None:
+            model.eval()
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
 
 
 @torch.no_grad()
@@ -161,9 +212,13 @@ def sample_responses(
     num_return_sequences: int = 1,
     synced_gpus: bool = False,
     return_logits: bool = False,
+    stop_ids: list[int] | None = None,
     **extra: Any,
 ) -> tuple[torch.Tensor, ...]:
     """Sample with ``generate`` (KV cache on); returns the response block and its mask, trimmed.
+
+    ``stop_ids``: the ids that end a response (default: `stop_token_ids` of ``model``); generate
+    stops at any of them and the mask ends at the first one.
 
     ``return_logits``: also return the model's raw logits before each response token ([B, N, V],
     aligned with the block), which generate computes anyway: a caller that would score the
@@ -175,16 +230,17 @@ def sample_responses(
         prompt_ids = prompt_ids.repeat_interleave(num_return_sequences, 0)
         prompt_mask = prompt_mask.repeat_interleave(num_return_sequences, 0)
         num_return_sequences = 1
+    stop_ids = stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids
     # inference_mode (cheaper per op than no_grad) except under multi-process training, where
     # sharded parameters are gathered inside generate. The student's training forward takes the
     # sampled ids as input, so what is returned must be normal tensors: the out-of-place ops below
     # run outside inference mode and make them (no clone needed).
-    with torch.inference_mode(not synced_gpus):
+    with torch.inference_mode(not synced_gpus), eval_mode(model):
         out = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_ids,
             use_cache=True,
             num_return_sequences=num_return_sequences,
             synced_gpus=synced_gpus,
@@ -194,7 +250,7 @@ def sample_responses(
         )
     sequences = out.sequences if return_logits else out
     response = sequences[:, prompt_ids.shape[1]:]
-    mask = response_mask_from_ids(response, tokenizer.eos_token_id)
+    mask = response_mask_from_ids(response, stop_ids)
     width = int(mask.sum(-1).max().clamp(min=1))
     response, mask = response[:, :width], mask[:, :width]
     response = response.masked_fill(~mask, tokenizer.pad_token_id)

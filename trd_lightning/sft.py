@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from trd_lightning.data import ProblemDataset, collate_problems, move_batch_to_device
 from trd_lightning.models import build_tiny_causal_lm, load_causal_lm, load_tokenizer
-from trd_lightning.rollout import Context, Sampling, encode_prompts, response_logits, sample_responses
+from trd_lightning.rollout import Context, Sampling, encode_prompts, response_logits, sample_responses, stop_token_ids
 from trd_lightning.tasks.arithmetic import ArithmeticTask, sft_example
 from trd_lightning.tasks.arithmetic_tokenizer import build_arithmetic_tokenizer
 from trd_lightning.tasks.base import Task
@@ -86,6 +86,10 @@ class SFTModule(LightningModule):
     @property
     def task(self) -> Task:
         return self._task or self.trainer.datamodule.task
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return stop_token_ids(self.model, self.tokenizer)
 
     def teacher_prompt(self, problem) -> str:
         return self.task.student_prompt(problem)

@@ -27,7 +27,7 @@ import dataclasses
 import torch
 
 from trd_lightning.decoding import Proposer, model_step, top_p_support
-from trd_lightning.rollout import positions_from_mask
+from trd_lightning.rollout import eval_mode, positions_from_mask
 
 
 @dataclasses.dataclass
@@ -67,6 +67,7 @@ class SpliceDecode:
     def __init__(self, reviser, module, s_ids, s_mask, t_ids, t_mask, remaining, minimum, propose: Proposer | None):
         self.reviser, self.propose = reviser, propose
         self.tok = module.tokenizer
+        self.stop_ids = torch.tensor(module.stop_ids, device=s_ids.device)  # every id that ends a row
         self.student, self.teacher = module.model_for("student"), module.model_for("teacher")
         self.prompts = s_ids, s_mask, t_ids, t_mask
         self.remaining, self.minimum = remaining, minimum
@@ -82,7 +83,7 @@ class SpliceDecode:
         decode statistics; all normal tensors."""
         # inference_mode skips autograd's bookkeeping on every small op; the outputs leave it
         # through out-of-place ops, which give normal tensors.
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(self.student, self.teacher):
             self._start()
             while True:
                 k = min(self.k_max, self.left)
@@ -179,7 +180,7 @@ class SpliceDecode:
             logits = logits[:, -1]
             if self.eos_vocab is None:
                 self.eos_vocab = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.device)
-                self.eos_vocab[self.tok.eos_token_id] = True
+                self.eos_vocab[self.stop_ids] = True
             if self.any_revising:
                 weights_seen.append(self._student_q(logits, None if early is None else early[:, j, None] & self.eos_vocab))
                 token = torch.multinomial(weights_seen[-1], 1).squeeze(-1)
@@ -247,7 +248,7 @@ class SpliceDecode:
         replaced = torch.multinomial(weights, 1).squeeze(-1)
         out = drafts.scatter(1, at.unsqueeze(1), torch.where(first < k, replaced, drafts[row_idx, at]).unsqueeze(1))
         emit = torch.where(first < k, first + 1, first)
-        eos_hit = (out == self.tok.eos_token_id) & (self.arange_k[:k] < emit.unsqueeze(1))
+        eos_hit = torch.isin(out, self.stop_ids) & (self.arange_k[:k] < emit.unsqueeze(1))
         emit = torch.where(eos_hit.any(1), eos_hit.int().argmax(1) + 1, emit)
         emit = torch.minimum(emit, rows.remaining - rows.length).masked_fill(rows.done, 0)
         switched = ~rows.revising & ~rows.done & (first < emit)
@@ -273,7 +274,7 @@ class SpliceDecode:
         kept = torch.minimum(first, emit).masked_fill(rows.done, 0).sum()
         drafted = (~rows.done).sum() * k
         rows.length = rows.length + emit
-        ended = (emit > 0) & (last == self.tok.eos_token_id)
+        ended = (emit > 0) & torch.isin(last, self.stop_ids)
         rows.done = rows.done | ended | (rows.length >= rows.remaining)
         rows.revising = rows.revising | switched
         return drafted, kept

@@ -14,10 +14,10 @@ class LearningCurve(Callback):
     """Evaluates the student every ``every_n_steps`` optimizer steps (and before the first) with a
     `PassAtKEvaluation` on the first ``num_problems`` problems of ``split``, inside training.
 
-    Lightning's validation loop would do this too, but `DistillationModule`'s validation step
-    samples rollouts from the global RNG, so validating changes the training run it measures; the
-    evaluation here samples in a forked RNG (seeded per batch), so a run with the curve trains
-    exactly as a run without it. Logs ``curve/avg@{n}``, ``curve/pass@{k}`` and, for a task that
+    Lightning's validation loop with `PassAtKEvaluation` and ``val_check_interval`` does the same
+    for the whole validation set (and also runs the module's validation step); this callback
+    evaluates a subset, at step 0 too, and keeps the curve in ``history``. It samples in a forked
+    RNG (seeded per batch), so a run with the curve trains exactly as a run without it. Logs ``curve/avg@{n}``, ``curve/pass@{k}`` and, for a task that
     knows its derivations, ``curve/derivations``; ``history`` keeps ``{"step": ..., **values}``
     and ``last`` the latest values (read by `CollapseGuard`'s ``gap_metrics``, e.g.
     ``["curve/pass@16", "curve/pass@1"]``).

@@ -55,6 +55,8 @@ class PassAtKEvaluation(Callback):
         bad = [k for k in ks if k > n]
         if bad:
             raise ValueError(f"pass@k needs k <= n: got k={bad} with n={n} samples; raise n or drop those k")
+        if role not in ("student", "teacher", "refiner"):
+            raise ValueError(f"role must be 'student', 'teacher' or 'refiner', got {role!r}")
         if context not in ("student", "privileged"):
             raise ValueError(f"context must be 'student' or 'privileged', got {context!r}")
         self.n, self.ks, self.context, self.role, self.seed = n, tuple(ks), context, role, seed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -19,6 +20,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 class PreemptionCheckpoint(Callback):
     """Save ``<dirpath>/<filename>`` when the run receives SIGTERM, then let it stop.
+
+    ``trd fit`` adds it to every run whose config has none. Under DDP the ranks agree on a SIGTERM
+    at each batch end, so all of them stop after the same step, save together and exit.
 
     Only SIGTERM: a crash (a bug, a non-finite loss with ``nonfinite="raise"``) is not a state to
     resume from. The process then exits with status 143 (128 + SIGTERM, what a shell reports for a
@@ -44,8 +48,32 @@ class PreemptionCheckpoint(Callback):
             folder = getattr(ckpt, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
         return Path(folder) / self.filename
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Lightning's SIGTERM handler broadcasts from inside the signal handler, i.e. at whatever
+        # collective the rank happens to be in, and each rank then stops at its own moment: under
+        # DDP one rank waits in the save's barrier and the other in that broadcast, forever. Here
+        # the handler only notes the signal (and forwards it to the launched ranks, as Lightning
+        # does); the ranks agree on it at a batch end, all together (`_agree_on_sigterm`).
+        connector = trainer._signal_connector
+
+        def note_sigterm(signum, frame) -> None:
+            if not connector.received_sigterm:
+                launcher = trainer.strategy.launcher
+                if launcher is not None and hasattr(launcher, "kill"):
+                    launcher.kill(signum)
+            connector.received_sigterm = True
+
+        connector._sigterm_notifier_fn = note_sigterm
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        _agree_on_sigterm(trainer)
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.state.fn == "fit":
+            _agree_on_sigterm(trainer)
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
+        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.state.fn != "fit":
             return
         path = self.checkpoint_path(trainer)
         _close_finished_epoch(trainer)
@@ -55,6 +83,16 @@ class PreemptionCheckpoint(Callback):
         rank_zero_info(
             f"SIGTERM: saved {path} after step {trainer.global_step}; resume with --ckpt_path {path}"
         )
+
+
+def _agree_on_sigterm(trainer: Trainer) -> None:
+    """Every rank at the same batch end: if any rank got SIGTERM, all stop after this batch."""
+    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    flag = torch.tensor([1 if trainer.received_sigterm else 0], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item():
+        trainer._signal_connector.received_sigterm = True
 
 
 def _close_finished_epoch(trainer: Trainer) -> None:

@@ -101,4 +101,4 @@ class TrajectoryRevision(Callback):
         bs = len(batch["rollout"].problems)
         for name, value in stats.items():
             if value == value:  # NaN (e.g. no t* in this batch) would poison the epoch mean
-                pl_module.log(name, value, batch_size=bs)
+                pl_module.log(name, value, batch_size=bs, prog_bar=name == "revision/fraction_revised")

@@ -170,6 +170,9 @@ class ArithmeticTask:
             raise ValueError(f"need 1 <= min_steps <= max_steps, got min_steps={min_steps}, max_steps={max_steps}")
         if max_attempt_chars < 1:
             raise ValueError(f"max_attempt_chars must be >= 1, got {max_attempt_chars}")
+        for name, size in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
+            if size < 0:
+                raise ValueError(f"{name} must be >= 0 (0: no {name[:-5]} problems), got {size}")
         self.min_steps, self.max_steps, self.seed = min_steps, max_steps, seed
         self.max_attempt_chars = max_attempt_chars
         self._sizes = {"train": train_size, "val": val_size, "test": test_size}

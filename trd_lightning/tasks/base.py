@@ -15,6 +15,18 @@ Problem = Any  # a task-specific record; it must be picklable (it travels throug
 SPLITS = ("train", "val", "test")
 
 
+def problem_record(problem: Problem) -> Any:
+    """A JSON-ready view of a problem record (a dataclass, a plain object, or anything else), for
+    files that report on problems (predictions)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(problem):
+        return dataclasses.asdict(problem)
+    if hasattr(problem, "__dict__"):
+        return dict(vars(problem))
+    return problem
+
+
 @runtime_checkable
 class Task(Protocol):
     """What every component needs to know about a domain.

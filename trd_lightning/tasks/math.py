@@ -112,12 +112,21 @@ def answers_match(answer: str, response: str) -> bool:
 def _check_value(value: Any, key: str, where: str, fix: str) -> str:
     if value is None or (isinstance(value, str) and not value.strip()):
         raise ValueError(f"{where}: field {key!r} is empty; {fix}")
+    if isinstance(value, (list, dict, tuple)):
+        # str() would make "['1', '2']" a gold answer that no response ever matches
+        raise ValueError(f"{where}: field {key!r} is a {type(value).__name__} ({str(value)[:60]}); it must be text or a number")
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: field {key!r} is a boolean ({value}); it must be text or a number")
     return str(value)
 
 
 def read_problems(path: str | Path, keys: dict[str, str | None], limit: int | None = None) -> list[MathProblem]:
-    """Problems of one file through ``datasets``; jsonl is pre-validated line by line."""
-    from datasets import load_dataset
+    """Problems of one file (jsonl validated line by line, parquet through `datasets`).
+
+    Built from the rows read now (the checked jsonl records / a parquet table), not through
+    ``load_dataset``'s cache, which keys local files by path and modification time: a file
+    replaced by another with the same mtime was read from the cache, with the old rows."""
+    from datasets import Dataset
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -126,11 +135,19 @@ def read_problems(path: str | Path, keys: dict[str, str | None], limit: int | No
     fix = "fix the file or set problem_key / solution_key / answer_key to the field names it uses"
     required = [k for k in keys.values() if k is not None]
     if suffix in (".jsonl", ".json"):
-        lines = _validate_jsonl(path, required, fix)
-        data = load_dataset("json", data_files=str(path), split="train")
+        # The rows were parsed (and checked) line by line already; Arrow would also coerce a
+        # column whose rows mix 2 and "2".
+        lines, records = _validate_jsonl(path, required, fix)
+        data = {key: [r.get(key) for r in records] for key in required}
         where = lambda i: f"{path}, line {lines[i]}"  # noqa: E731
     elif suffix == ".parquet":
-        data = load_dataset("parquet", data_files=str(path), split="train")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            data = Dataset(pq.read_table(path))
+        except (pa.ArrowInvalid, OSError) as err:
+            raise ValueError(f"{path} is not a readable parquet file ({str(err).splitlines()[0][:120]}); write it with pandas/datasets to_parquet, or use .jsonl") from None
         missing = [k for k in required if k not in data.column_names]
         if missing:
             raise ValueError(
@@ -139,7 +156,8 @@ def read_problems(path: str | Path, keys: dict[str, str | None], limit: int | No
         where = lambda i: f"{path}, row {i + 1}"  # noqa: E731
     else:
         raise ValueError(f"unsupported data file {str(path)!r}: use .jsonl (one JSON object per line) or .parquet")
-    n = len(data) if limit is None else min(limit, len(data))
+    rows = len(lines) if isinstance(data, dict) else len(data)
+    n = rows if limit is None else min(limit, rows)
     columns = {role: data[key][:n] if key is not None else None for role, key in keys.items()}
     problems = []
     for i in range(n):
@@ -155,26 +173,53 @@ def read_problems(path: str | Path, keys: dict[str, str | None], limit: int | No
     return problems
 
 
-def _validate_jsonl(path: Path, required: list[str], fix: str) -> list[int]:
-    """Line numbers of the records; a malformed line or a missing field is an error naming the line."""
-    lines = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-            missing = [k for k in required if k not in record]
-            if missing:
-                raise ValueError(f"{path}, line {number}: no field {missing[0]!r} (fields: {sorted(record)}); {fix}")
-            lines.append(number)
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise _DuplicateKey(dup)
+    return dict(pairs)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _validate_jsonl(path: Path, required: list[str], fix: str) -> tuple[list[int], list[dict]]:
+    """Line numbers and records; a malformed line or a missing field is an error naming the line."""
+    lines, records = [], []
+    with path.open("rb") as f:
+        raw_lines = f.read().split(b"\n")
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r}); save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as dup:
+            raise ValueError(f"{path}, line {number}: field {str(dup)!r} appears twice; keep one") from None
+        except json.JSONDecodeError as err:
+            if number == 1 and line.lstrip().startswith("["):
+                raise ValueError(
+                    f"{path} looks like a JSON array; a .jsonl file holds one JSON object per line "
+                    "(convert it, e.g. jq -c '.[]' file.json > file.jsonl)"
+                ) from None
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if isinstance(record, list) and number == 1:
+            raise ValueError(f"{path} holds a JSON array; a .jsonl file holds one JSON object per line (jq -c '.[]' file.json > file.jsonl)")
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise ValueError(f"{path}, line {number}: no field {missing[0]!r} (fields: {sorted(record)}); {fix}")
+        lines.append(number)
+        records.append(record)
     if not lines:
         raise ValueError(f"{path} holds no records")
-    return lines
+    return lines, records
 
 
 # --- the task ---------------------------------------------------------------------------------
@@ -191,7 +236,9 @@ class MathTask:
         system_prompt: optional system turn.
         instruction: appended to the problem in every user turn.
         chat_template_kwargs: extra template variables (Qwen3: ``{enable_thinking: false}``).
-        max_attempt_chars: attempts longer than this are cut (their start is kept) in ``c_r``.
+        max_attempt_chars: attempts longer than this are cut (their start is kept) in ``c_r``;
+            default: no cut here (`RewriteReviser` shortens an attempt only when ``c_r`` exceeds
+            the refiner's token budget, and counts it).
         max_problems: read at most this many problems per split (smoke runs).
     """
 
@@ -209,10 +256,10 @@ class MathTask:
         system_prompt: str | None = None,
         instruction: str = INSTRUCTION,
         chat_template_kwargs: dict[str, Any] | None = None,
-        max_attempt_chars: int = 8000,
+        max_attempt_chars: int | None = None,
         max_problems: int | None = None,
     ):
-        if max_attempt_chars < 1:
+        if max_attempt_chars is not None and max_attempt_chars < 1:
             raise ValueError(f"max_attempt_chars must be >= 1, got {max_attempt_chars}")
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         for split, f in self.files.items():
@@ -253,16 +300,24 @@ class MathTask:
             self._problems[split] = [] if f is None else read_problems(f, self.keys, self.max_problems)
         return self._problems[split]
 
+    def messages(self, user: str) -> list[dict[str, str]]:
+        """The conversation of one user turn (with the system turn, when one is set)."""
+        return ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
+            {"role": "user", "content": user}
+        ]
+
+    def chat_messages(self, problem: MathProblem) -> list[dict[str, str]] | None:
+        """The conversation behind `student_prompt` (``None`` for plain-text prompts): what a
+        pre-flight check renders through the teacher's template too."""
+        return None if self.tokenizer_path is None else self.messages(f"{problem.problem}\n\n{self.instruction}")
+
     def render(self, user: str) -> str:
         """One user turn as the text right before the assistant's first token."""
         if self.tokenizer_path is None:
             system = f"{self.system_prompt}\n\n" if self.system_prompt else ""
             return f"{system}Problem: {user}\n\nSolution: "
-        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
-            {"role": "user", "content": user}
-        ]
         return self._load_tokenizer().apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs
+            self.messages(user), add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs
         )
 
     def student_prompt(self, problem: MathProblem) -> str:
@@ -274,7 +329,7 @@ class MathTask:
     def refinement_prompt(self, problem: MathProblem, attempt: str, *, privileged: bool = False) -> str:
         # Keep the attempt's start: the refiner needs its structure and first steps, and the
         # context must stay within the refiner's length limit.
-        attempt = attempt.strip()[: self.max_attempt_chars]
+        attempt = attempt.strip()[: self.max_attempt_chars]  # [:None] keeps it whole
         template = REFINE_PRIVILEGED if privileged else REFINE
         return self.render(
             template.format(problem=problem.problem, solution=problem.solution, attempt=attempt, instruction=self.instruction)
