@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# GPU checks of the scale-out path (FSDP2 on NCCL, 4-bit / 8-bit bitsandbytes teachers) on a bare
-# GPU machine, from the repository root:   bash benchmarks/gpu_check.sh
+# GPU checks of the scale-out path on a bare GPU machine, from the repository root:
+#   bash benchmarks/gpu_check.sh
+# tests/test_gpu.py: FSDP2 fits on NCCL, 4-bit / 8-bit bitsandbytes teachers. tests/test_gpu_scale.py:
+# the sharded splice reviser in a `trd fit` of configs/arith/trd_splice.yaml + configs/fsdp.yaml
+# (per-layer gathers and gather-once, each rollout checked against a 1-process decode), gather-once
+# rollouts against per-layer ones, and HSDP (2+ GPUs). One GPU runs the 1-process paths; more GPUs,
+# the multi-process ones. Under 10 minutes on one GPU; prints a table of the sharded rollouts.
 # Needs python3 + pip. Missing packages are installed from wheels in .whl/ when that folder exists
 # (machines without network: `pip download` them elsewhere), else from the package index.
 set -uo pipefail
@@ -48,9 +53,9 @@ for name in ("lightning", "transformers", "peft", "bitsandbytes", "accelerate"):
         print(name, "MISSING:", type(err).__name__, err)
 PYEOF
 
-echo "== pytest tests/test_gpu.py"
+echo "== pytest tests/test_gpu.py tests/test_gpu_scale.py"
 start=$(date +%s)
-$PY -m pytest tests/test_gpu.py -q -rA -p no:cacheprovider --durations=0 -W ignore::DeprecationWarning
+$PY -m pytest tests/test_gpu.py tests/test_gpu_scale.py -q -s -rA -p no:cacheprovider --durations=0 -W ignore::DeprecationWarning
 status=$?
 echo "== done: exit $status in $(( $(date +%s) - start )) s"
 exit $status

@@ -23,4 +23,11 @@ done
 # forward costs about what a one-token step does.
 $PY benchmarks/lookahead.py --accelerator gpu --threads 2 --rounds 10 \
   --student-size 1024 8 --teacher-size 2048 16 --out "$OUT/lookahead_gpu_1024x8_2048x16.md" || status=1
+# Rollouts of FSDP2-sharded models: per-layer gathers vs gather-once, OPD and the splice decode
+# (one process per GPU, up to 4; HSDP 2 x 2 on 4 or more; one GPU: one process, FSDP's own overhead).
+gpus=$($PY -c 'import torch; print(torch.cuda.device_count())')
+procs=$(( gpus > 4 ? 4 : gpus )); replicate=$(( procs >= 4 ? 2 : 1 ))
+timeout 300 $PY benchmarks/sharded_rollout.py --accelerator gpu --processes "$procs" --replicate "$replicate" --threads 2 \
+  --pair random --student-size 1024 8 --teacher-size 2048 16 --batch-size 32 --max-new-tokens 48 --rollouts 3 \
+  --out "$OUT/sharded_rollout_gpu_${procs}proc_1024x8_2048x16.md" || status=1
 exit $status

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests.conftest import cpu_trainer
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
@@ -58,18 +59,19 @@ class SigtermAt(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run(tiny_paths, root: Path, record: Record, callbacks=(), ckpt_path=None):
+def run(tiny_paths, root: Path, record: Record, callbacks=(), ckpt_path=None, limit_val_batches=1):
     """A fit of MAX_STEPS from the same seed (``record`` is filled even if the run is interrupted)."""
     seed_everything(0)
-    task = ArithmeticTask(**TASK)
+    task = ArithmeticTask(**{**TASK, "val_size": 4 * limit_val_batches})
     module = DistillationModule(
         student=tiny_paths["student"], teacher=tiny_paths["teacher"], task=task,
         sampling=Sampling(temperature=1.0, max_new_tokens=12),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
     )
     trainer = cpu_trainer(
-        max_steps=MAX_STEPS, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1,
+        max_steps=MAX_STEPS, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=limit_val_batches,
         default_root_dir=root, callbacks=[record, PreemptionCheckpoint(), *callbacks],
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
     )
     trainer.fit(module, PromptDataModule(task, batch_size=4), ckpt_path=ckpt_path)
     return module, trainer
@@ -277,3 +279,38 @@ def test_sigterm_under_two_process_ddp_saves_exits_on_both_ranks_and_resumes_exa
     assert final[0]["global_step"] == final[1]["global_step"] == 4
     for k, v in final[0]["state_dict"].items():
         assert torch.equal(v, final[1]["state_dict"][k]), f"{k} differs"
+
+
+class SigtermInValidation(Callback):
+    """A real SIGTERM while the validation after step ``step`` is running (first of two batches)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_step == self.step and batch_idx == 0 and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_checkpoint_written_before_a_validation_resumes_exactly(tiny_paths, tmp_path, uninterrupted):
+    """`every_n_train_steps` saves at a batch end, before that step's validation; the resumed run
+    skips that validation, so its training rollouts must not depend on the validation's samples."""
+    every = ModelCheckpoint(dirpath=tmp_path / "every", every_n_train_steps=2, save_top_k=-1)
+    run(tiny_paths, tmp_path, Record(), callbacks=[every])
+    ckpt = tmp_path / "every" / "epoch=0-step=2.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 2
+    module, _ = run(tiny_paths, tmp_path / "resumed", Record(), ckpt_path=ckpt)
+    assert_same_tensors(module.student.state_dict(), uninterrupted["weights"])
+
+
+def test_sigterm_during_validation_resumes_exactly(tiny_paths, tmp_path):
+    reference, first, second = Record(), Record(), Record()
+    full, _ = run(tiny_paths, tmp_path / "full", reference, limit_val_batches=2)
+    with pytest.raises(SystemExit) as stop:
+        run(tiny_paths, tmp_path, first, callbacks=[SigtermInValidation(4)], limit_val_batches=2)
+    assert stop.value.code == 128 + signal.SIGTERM
+    ckpt = tmp_path / "checkpoints" / "preempted.ckpt"
+    module, _ = run(tiny_paths, tmp_path, second, ckpt_path=ckpt, limit_val_batches=2)
+    assert {**first.train, **second.train} == reference.train
+    assert {**first.val, **second.val} == reference.val  # the interrupted validation is redone in full
+    assert_same_tensors(module.student.state_dict(), full.student.state_dict())

@@ -43,6 +43,20 @@ def test_bad_plan_values_are_refused():
         FSDP2Strategy(state_dict_type="local")
     with pytest.raises(ValueError, match="placement"):
         TeacherSharding(placement="offload")
+    with pytest.raises(ValueError, match="rollout_gather must be one of"):
+        FSDP2Strategy(rollout_gather="never")
+    for bad in (0, 1.5, True, "racks"):
+        with pytest.raises(ValueError, match="replicate_size must be an integer >= 1 or 'nodes'"):
+            FSDP2Strategy(replicate_size=bad)
+
+
+def test_hsdp_replicas_that_do_not_divide_the_processes_are_refused_before_any_process_group():
+    strategy = FSDP2Strategy(replicate_size=3)
+    strategy.parallel_devices = [torch.device("cpu")] * 4
+    strategy.num_nodes = 1
+    with pytest.raises(ValueError, match=r"replicate_size=3 \(3 replica groups\) does not divide the 4 processes"):
+        strategy.setup_environment()
+    assert not dist.is_initialized()
 
 
 def test_fsdp_overlay_composes_with_a_run_config_from_yaml(tiny_paths):
@@ -62,6 +76,7 @@ def test_fsdp_overlay_composes_with_a_run_config_from_yaml(tiny_paths):
     assert strategy.plan == ShardingPlan(["LlamaDecoderLayer"], True, "bf16", "SHARD_GRAD_OP", False)
     assert strategy._save_distributed_checkpoint is False  # state_dict_type: full
     assert strategy._tensor_parallel_size == 1
+    assert (strategy.replicate_size, strategy.rollout_gather) == (1, "auto")  # the overlay's stated defaults
     # `callbacks+:` in the overlay appends to the run config's callbacks instead of replacing them.
     kinds = [type(c) for c in cli.trainer.callbacks]
     assert TeacherSharding in kinds and PassAtKEvaluation in kinds

@@ -80,6 +80,11 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", weights_on
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass the path of a .ckpt written by trd fit")
     if path.is_dir():
+        if (path / "meta.pt").is_file():
+            # A sharded FSDP2 checkpoint: tensor shards (torch.distributed.checkpoint) plus Lightning's
+            # meta.pt with everything else (config, loops, callbacks); what a pre-check reads is there.
+            ckpt = load_checkpoint_file(path / "meta.pt", map_location, weights_only)
+            return {"state_dict": {}, **ckpt}
         raise CheckpointError(f"checkpoint {str(path)!r} is a folder; pass the path of a .ckpt file inside it")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes; an interrupted copy?); use another checkpoint")
@@ -95,7 +100,7 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", weights_on
             f"checkpoint {str(path)!r} {problem}; use another checkpoint"
             + _others_hint(path)
         ) from e
-    if not isinstance(ckpt, dict) or "pytorch-lightning_version" not in ckpt or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or "pytorch-lightning_version" not in ckpt or ("state_dict" not in ckpt and path.name != "meta.pt"):
         raise CheckpointError(
             f"checkpoint {str(path)!r} is not a Lightning checkpoint (no 'pytorch-lightning_version' / 'state_dict'; "
             "a Hugging Face or plain torch.save file?); pass a .ckpt written by trd fit" + _others_hint(path)

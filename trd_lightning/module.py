@@ -47,7 +47,7 @@ from trd_lightning.rollout import (
     stop_token_ids,
 )
 from trd_lightning.resume import rng_states, set_rng_states
-from trd_lightning.sharding import configure_sharding
+from trd_lightning.sharding import configure_sharding, rollout_weights
 from trd_lightning.tasks.base import Task, problem_record
 
 # `sampling` is a hyperparameter, so it is pickled into every checkpoint, and Lightning resumes
@@ -227,9 +227,23 @@ class DistillationModule(LightningModule):
         start = time.perf_counter()
         student_prompts = [self.task.student_prompt(p) for p in problems]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, student_prompts, self.device, self.max_prompt_length)
-        response, mask = sample_responses(
-            self.student, self.tokenizer, prompt_ids, prompt_mask, self.sampling, synced_gpus=self._synced_gpus(), stop_ids=self.stop_ids
-        )
+        try:
+            with rollout_weights(self, ("student",)) as local:  # FSDP2: gather once, if the strategy says so
+                response, mask = sample_responses(
+                    self.student, self.tokenizer, prompt_ids, prompt_mask, self.sampling,
+                    synced_gpus=self._synced_gpus() and not local, stop_ids=self.stop_ids,
+                )
+        except RuntimeError as err:
+            # Diverged weights give a finite loss one step and NaN logits the next: the raw
+            # error is torch.multinomial's, which names neither the cause nor the fix.
+            if "probability tensor contains" not in str(err):
+                raise
+            bad = [n for n, p in self.student.named_parameters() if not torch.isfinite(p).all()]
+            raise FloatingPointError(
+                f"sampling after step {self.global_step} failed: the student's next-token probabilities are not finite "
+                f"({len(bad)} weight tensors hold inf/NaN, e.g. {bad[:3]}); the weights diverged: lower the lr or set "
+                "trainer.gradient_clip_val, and resume from an earlier checkpoint"
+            ) from None
         student = Context.joined(prompt_ids, prompt_mask, response, mask)
         teacher_prompts = [self.teacher_prompt(p) for p in problems]
         # OPD: the teacher reads the student's own context, so it is not tokenized and laid out twice.

@@ -394,16 +394,8 @@ class PrefixSpliceReviser(Reviser):
         self.lookahead = lookahead
 
     def setup(self, module) -> None:
-        trainer = getattr(module, "_trainer", None)
-        strategy = type(trainer.strategy).__name__ if trainer is not None else ""
-        if trainer is not None and trainer.world_size > 1 and ("FSDP" in strategy or "ModelParallel" in strategy):
-            # Its decode loop runs a data-dependent number of forward passes per rank; sharded
-            # models need every rank in every forward. RewriteReviser goes through generate's
-            # synced_gpus and is safe.
-            raise NotImplementedError(
-                f"PrefixSpliceReviser does not support sharded multi-process training ({strategy}); "
-                "use RewriteReviser there, or DDP (replicated models)"
-            )
+        # Sharded multi-process training (FSDP2, HSDP) needs no check here: the decode gathers the
+        # weights once or runs rank-synchronised rounds (trd_lightning.splice_decode).
         sampling = getattr(module, "sampling", None)
         if self.fused and sampling is not None:
             Proposer(sampling.generate_kwargs(), module.stop_ids)  # refuses what it cannot honour
@@ -508,6 +500,8 @@ class PrefixSpliceReviser(Reviser):
                 t = int(t_star[i])
                 new[i] = torch.cat([keep[j], cont[j]])
                 logit_rows[i] = torch.cat([teacher_logits[i, :t], cont_logits[j, : len(cont[j])]])
+        else:  # nothing to continue here; sharded ranks that have something need this one's gathers
+            SpliceDecode.join(self, module)
         revised_rows = (t_star >= 0).cpu()
         info = revision_stats(module, rollout, revised_rows, t_star.cpu(), new)
         info["fallback_rate"] = fallback_rate

@@ -41,7 +41,7 @@ _FIT_SAFE = (
     "trainer.val_check_interval", "trainer.check_val_every_n_epoch", "trainer.num_sanity_val_steps",
     "trainer.limit_val_batches", "trainer.limit_test_batches", "trainer.limit_predict_batches",
     "trainer.log_every_n_steps", "trainer.enable_*", "trainer.logger", "trainer.logger.*", "trainer.default_root_dir",
-    "trainer.profiler*", "trainer.plugins*", "trainer.callbacks.*",
+    "trainer.profiler*", "trainer.plugins*", "trainer.callbacks.*", "trainer.accelerator", "trainer.benchmark",
     "data.init_args.eval_batch_size", "data.init_args.num_workers",
     "data.init_args.task.init_args.val_*", "data.init_args.task.init_args.test_*",
     "model.init_args.nonfinite",

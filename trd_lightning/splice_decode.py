@@ -18,6 +18,14 @@ After a rejection the row's remaining drafts are dropped. Their cache slots stay
 caches but are masked out, so rows advance at their own rate, each with its own positions,
 and the caches need no surgery. Once a quarter of the batch has finished, those rows leave the
 batch and both caches (the forwards get cheaper as rollouts end).
+
+Under FSDP2 every forward is a collective. With the weights gathered once for the decode
+(`trd_lightning.sharding.rollout_weights`, ``rollout_gather: once`` / ``auto``) forwards are
+local and each rank decodes on its own. Otherwise the ranks run rank-synchronised rounds, as
+generate's ``synced_gpus`` does: once per round they agree (one all-reduce) on the round's
+draft length (the largest over ranks; 0: every rank is done); a rank that drafts fewer, or has
+finished, runs the missing forwards of each sharded model on a one-token dummy row without a
+cache, so its own rows, caches and random draws are exactly those of a single-process decode.
 """
 
 from __future__ import annotations
@@ -28,6 +36,14 @@ import torch
 
 from trd_lightning.decoding import Proposer, model_step, top_p_support
 from trd_lightning.rollout import eval_mode, positions_from_mask
+from trd_lightning.sharding import is_sharded, rollout_weights
+
+
+def _no_grad(*models):
+    """``inference_mode``, or ``no_grad`` where a model is FSDP-sharded."""
+    if any(is_sharded(m) for m in models):
+        return torch.no_grad()
+    return torch.inference_mode()
 
 
 @dataclasses.dataclass
@@ -65,7 +81,7 @@ class SpliceDecode:
     COMPACT_AT = 0.25
 
     def __init__(self, reviser, module, s_ids, s_mask, t_ids, t_mask, remaining, minimum, propose: Proposer | None):
-        self.reviser, self.propose = reviser, propose
+        self.reviser, self.propose, self.module = reviser, propose, module
         self.tok = module.tokenizer
         self.stop_ids = torch.tensor(module.stop_ids, device=s_ids.device)  # every id that ends a row
         self.student, self.teacher = module.model_for("student"), module.model_for("teacher")
@@ -82,25 +98,95 @@ class SpliceDecode:
         token, ``t*`` per row (``-1``: never revised), where the restricted set was empty, and
         decode statistics; all normal tensors."""
         # inference_mode skips autograd's bookkeeping on every small op; the outputs leave it
-        # through out-of-place ops, which give normal tensors.
-        with torch.inference_mode(), eval_mode(self.student, self.teacher):
+        # through out-of-place ops, which give normal tensors. Not with sharded models: FSDP would
+        # allocate the gathered weights as inference tensors, which training then cannot refill.
+        with (
+            rollout_weights(self.module, ("student", "teacher")) as local,
+            _no_grad(self.student, self.teacher),
+            eval_mode(self.student, self.teacher),
+        ):
+            self._synced_with(local)
             self._start()
+            live = True
             while True:
-                k = min(self.k_max, self.left)
+                k = min(self.k_max, self.left) if live else 0
+                k_all = self._agree(k)
+                if k_all == 0:
+                    break
+                if k == 0:  # this rank is done, others are not: keep their forwards company
+                    self._idle_round(k_all)
+                    continue
                 self._set_slots(k, (~self.rows.done).long().unsqueeze(1))
                 early = self._early(k) if self.any_early else None
                 drafts, q_w = self._draft(k, early)
+                self._idle_forwards(self.student, k_all - k)
                 t_logits = self._score(drafts, k)
                 out, first, emit, empty, switched = self._judge(drafts, q_w, t_logits, k, early)
                 drafted, kept = self._commit(out, first, emit, empty, switched, t_logits, k)
-                if self._sync(drafted, kept):
-                    break
-                self._compact()
+                live = not self._sync(drafted, kept)
+                if live:
+                    self._compact()
             self.length_out[self.rows.orig], self.t_star_out[self.rows.orig] = self.rows.length, self.rows.t_star
         width = int(self.length_out.max())
         mask = torch.arange(width, device=self.device) < self.length_out.unsqueeze(1)
         block = self.ids[:, :width].masked_fill(~mask, self.tok.pad_token_id)
         return block, mask, self.teacher_logits[:, :width], self.t_star_out.clone(), self.empties[:, :width], self.stats
+
+    @classmethod
+    def join(cls, reviser, module) -> None:
+        """Take part in the other ranks' decode with no rows of one's own (the two-pass form on a
+        rank where no rollout failed): the same gathers, or the same forwards on dummy rows."""
+        self = cls.__new__(cls)
+        self.module, self.k_max = module, reviser.lookahead
+        self.student, self.teacher = module.model_for("student"), module.model_for("teacher")
+        self.device = module.device
+        self.stats = {"rounds": 0, "drafted": 0, "accepted": 0}
+        with (
+            rollout_weights(module, ("student", "teacher")) as local,
+            _no_grad(self.student, self.teacher),
+            eval_mode(self.student, self.teacher),
+        ):
+            self._synced_with(local)
+            if not self.synced:
+                return
+            self._idle_forwards(self.student, 1)  # the prefills
+            self._idle_forwards(self.teacher, 1)
+            while (k_all := self._agree(0)) > 0:
+                self._idle_round(k_all)
+
+    # --- keeping sharded ranks in step ------------------------------------------------------
+    def _synced_with(self, local: bool) -> None:
+        """Whether rounds must be agreed over ranks: some model is sharded and gathers per forward."""
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.sharded = {id(m): is_sharded(m) for m in (self.student, self.teacher)}
+        self.synced = distributed and not local and any(self.sharded.values())
+        self.stats["synced_rounds"] = 0
+
+    def _agree(self, k: int) -> int:
+        """The round's draft length over all ranks (the largest; 0: all done). One all-reduce."""
+        if not self.synced:
+            return k
+        import torch.distributed as dist
+
+        t = torch.tensor([k], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        self.stats["synced_rounds"] += 1
+        return int(t.item())
+
+    def _idle_forwards(self, model, count: int) -> None:
+        """``count`` forwards of ``model`` on a one-token dummy row, with no cache: only their
+        collectives matter (they pair with another rank's real forwards). Unsharded models skip."""
+        if count <= 0 or not self.synced or not self.sharded[id(model)]:
+            return
+        one = torch.ones(1, 1, dtype=torch.long, device=self.device)
+        for _ in range(count):
+            model_step(model, one, one, one - 1, None)
+
+    def _idle_round(self, k_all: int) -> None:
+        self._idle_forwards(self.student, k_all)
+        self._idle_forwards(self.teacher, 1)
 
     def _start(self) -> None:
         """Prefill both caches and lay out the state. The last prompt token is not prefilled: it
@@ -110,8 +196,12 @@ class SpliceDecode:
         self.s_cache = self.t_cache = None
         if s_ids.shape[1] > 1:
             _, self.s_cache = model_step(self.student, s_ids[:, :-1], s_mask[:, :-1], positions_from_mask(s_mask[:, :-1]), None)
+        else:  # another rank may prefill: its gathers need a partner
+            self._idle_forwards(self.student, 1)
         if t_ids.shape[1] > 1:
             _, self.t_cache = model_step(self.teacher, t_ids[:, :-1], t_mask[:, :-1], positions_from_mask(t_mask[:, :-1]), None)
+        else:
+            self._idle_forwards(self.teacher, 1)
         # Cache slots after the prompt, preallocated: every round adds k per row, and a live row
         # emits at least one token per round, so budget * k slots always suffice.
         slots = s_mask.new_zeros(n, self.budget * self.k_max)

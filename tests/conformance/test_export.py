@@ -53,7 +53,7 @@ def assert_hf_folder(folder, pair_paths, layout):
     assert sorted(gen if isinstance(gen, list) else [gen]) == sorted(stop_ids(original, layout))
 
 
-@pytest.mark.parametrize("pair", ["llama-qwen2", "gemma-gemma"])
+@pytest.mark.parametrize("pair", ["llama-qwen2", pytest.param("gemma-gemma", marks=pytest.mark.slow)])
 def test_dense_export_loads_with_from_pretrained_and_matches_the_trained_student(parts, tmp_path, pair):
     module, ckpt = trained(parts, pair, tmp_path)
     expected = logits_of(module.student, probe_ids(module.tokenizer))
@@ -70,6 +70,7 @@ def test_dense_export_loads_with_from_pretrained_and_matches_the_trained_student
     assert info["format"] == "full" and info["global_step"] == 2 and info["ckpt_path"] == str(ckpt)
 
 
+@pytest.mark.slow
 def test_lora_export_merged_and_adapter_only(parts, tmp_path):
     from peft import PeftModel
 
@@ -109,7 +110,8 @@ def test_export_refuses_a_non_empty_folder_and_keeps_it(parts, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folders left
 
 
-def test_trd_export_subcommand(parts, tmp_path, capsys):
+@pytest.mark.slow
+def test_trd_export_subcommand(parts, tmp_path):
     """`trd fit` then `trd export --ckpt_path ... --output_dir ...` from the same config."""
     config = write_config(tmp_path / "cfg.yaml", parts, "gpt2-llama", model={"loss": "forward_kl"})
     fit_cli = build_cli(["fit", "-c", config])
@@ -125,27 +127,54 @@ def test_trd_export_subcommand(parts, tmp_path, capsys):
         build_cli(["export", "-c", config, f"--ckpt_path={ckpt}", f"--output_dir={tmp_path / 'hf'}"])
 
 
-@pytest.mark.slow
-def test_export_consolidates_a_sharded_fsdp2_checkpoint(tiny_paths, tmp_path):
-    """Two gloo processes train with FSDP2 and save a sharded checkpoint; the export (one process)
-    holds exactly the weights torch's own DCP converter reads from the shards."""
+@pytest.fixture(scope="module")
+def sharded(tiny_paths, tmp_path_factory):
+    """Two gloo processes train with FSDP2 (tests/fsdp_fit.py) and save a sharded checkpoint folder;
+    torch's own DCP converter gives the reference weights."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     from tests.fsdp_fit import launch
-    from trd_lightning import DistillationModule
 
-    launch(tmp_path / "run", tiny_paths["student"], tiny_paths["teacher"], "--state-dict", "sharded", world_size=2)
-    ckpt = tmp_path / "run" / "model.ckpt"
+    root = tmp_path_factory.mktemp("sharded")
+    launch(root / "run", tiny_paths["student"], tiny_paths["teacher"], "--state-dict", "sharded", world_size=2)
+    ckpt = root / "run" / "model.ckpt"
     assert ckpt.is_dir()
-    dcp_to_torch_save(ckpt, tmp_path / "reference.pt")
-    reference = torch.load(tmp_path / "reference.pt", weights_only=False)["state_dict"]
-    out = export_student(DistillationModule(student=tiny_paths["student"], teacher=tiny_paths["teacher"]), ckpt, tmp_path / "hf")
-    exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
-    initial = AutoModelForCausalLM.from_pretrained(tiny_paths["student"]).state_dict()
-    expected = {k[len("student."):]: v for k, v in reference.items() if k.startswith("student.")}
-    assert set(expected) <= set(exported)
+    dcp_to_torch_save(ckpt, root / "reference.pt")
+    reference = torch.load(root / "reference.pt", weights_only=False)["state_dict"]
+    return {"ckpt": ckpt, "root": root, "expected": {k[len("student."):]: v for k, v in reference.items() if k.startswith("student.")}}
+
+
+def assert_weights_are_the_shards(folder, sharded, student_path):
+    exported = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(student_path).state_dict()
+    assert set(sharded["expected"]) <= set(exported)
     changed = 0
-    for name, value in expected.items():
+    for name, value in sharded["expected"].items():
         torch.testing.assert_close(exported[name], value.to(exported[name].dtype), atol=0, rtol=0)
         changed += not torch.equal(value, initial[name])
     assert changed > 0  # the fit moved the weights, so equality with the shards is not equality with the start
+
+
+@pytest.mark.slow
+def test_export_consolidates_a_sharded_fsdp2_checkpoint(tiny_paths, sharded, tmp_path):
+    """The export (one process) holds exactly the weights torch's DCP converter reads from the shards."""
+    from trd_lightning import DistillationModule
+
+    out = export_student(DistillationModule(student=tiny_paths["student"], teacher=tiny_paths["teacher"]), sharded["ckpt"], tmp_path / "hf")
+    assert_weights_are_the_shards(out, sharded, tiny_paths["student"])
+
+
+@pytest.mark.slow
+def test_trd_export_subcommand_takes_a_sharded_checkpoint_folder(tiny_paths, sharded, tmp_path):
+    import yaml
+
+    config = tmp_path / "cfg.yaml"  # the module and data of tests/fsdp_fit.py
+    config.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False},
+        "model": {"class_path": "trd_lightning.DistillationModule", "init_args": {
+            "student": tiny_paths["student"], "teacher": tiny_paths["teacher"], "sampling": {"temperature": 1.0, "max_new_tokens": 8}}},
+        "data": {"class_path": "trd_lightning.PromptDataModule", "init_args": {"batch_size": 4, "task": {
+            "class_path": "trd_lightning.tasks.ArithmeticTask", "init_args": {"val_size": 4, "test_size": 4}}}},
+    }))
+    build_cli(["export", "-c", str(config), f"--ckpt_path={sharded['ckpt']}", f"--output_dir={tmp_path / 'hf'}"])
+    assert_weights_are_the_shards(tmp_path / "hf", sharded, tiny_paths["student"])

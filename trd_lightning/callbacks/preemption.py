@@ -77,6 +77,7 @@ class PreemptionCheckpoint(Callback):
             return
         path = self.checkpoint_path(trainer)
         _close_finished_epoch(trainer)
+        _restart_interrupted_validation(trainer)
         trainer.save_checkpoint(path)  # every rank calls it; the strategy writes once
         self.saved_path = path
         exception.code = self.EXIT_CODE
@@ -93,6 +94,22 @@ def _agree_on_sigterm(trainer: Trainer) -> None:
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     if flag.item():
         trainer._signal_connector.received_sigterm = True
+
+
+def _restart_interrupted_validation(trainer: Trainer) -> None:
+    """Lightning stops a validation between batches on SIGTERM, and on resume it treats a
+    validation stopped *between* batches as finished: it skips the rest, and the metrics of the
+    part already run are lost. Rewind the validation's counters to "its first batch started, none
+    processed", the one state from which Lightning re-runs a validation on resume, from batch 0."""
+    if not trainer.validating:
+        return
+    progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress
+    done = progress.current.completed
+    for counter in (progress.total, progress.current):
+        counter.ready -= done - 1
+        counter.started -= done - 1
+        counter.processed -= done
+        counter.completed -= done
 
 
 def _close_finished_epoch(trainer: Trainer) -> None:

@@ -16,8 +16,10 @@ Checkpoints: `DistillationModule.state_dict` leaves the frozen teacher out, and 
 (FSDP2's distributed state dict included) goes through it.
 
 Generation under sharding: with FSDP2 every forward is a collective, so every rank must run the
-same number of forward passes; `DistillationModule` passes ``synced_gpus`` to ``generate`` when
-the world size is above one, which keeps finished ranks stepping until all are done.
+same number of forward passes, unless the rollout gathered the weights once
+(`FSDP2Strategy(rollout_gather=...)`, `trd_lightning.sharding.rollout_weights`): then forwards are
+local. Otherwise `DistillationModule` passes ``synced_gpus`` to ``generate`` and the splice decode
+runs rank-synchronised rounds (`trd_lightning.splice_decode`).
 """
 
 from __future__ import annotations
