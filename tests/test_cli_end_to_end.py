@@ -26,7 +26,7 @@ def test_fit_then_test_from_checkpoint_reproduces_logged_numbers(tmp_path, monke
     ]
     fit = build_cli(["fit", "-c", OPD, *small])
     logged = next(cb for cb in fit.trainer.callbacks if isinstance(cb, PassAtKEvaluation)).last
-    assert set(logged) == {"test/avg@16", "test/pass@1", "test/pass@8"}
+    assert set(logged) == {"test/avg@16", "test/pass@1", "test/pass@8", "test/derivations", "test/derivation_coverage", "test/derivations_available"}
     ckpt = tmp_path / "runs" / "opd" / "version_0" / "checkpoints" / "last.ckpt"  # each run: its own folder
     assert ckpt.exists()
     again = build_cli(["test", "-c", OPD, *small, f"--ckpt_path={ckpt}"])

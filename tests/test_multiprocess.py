@@ -103,7 +103,7 @@ def test_two_process_fit_and_validation_match_one_process(tiny_paths, tmp_path):
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
     single = PassAtKEvaluation(n=1, ks=(1,), sampling=GREEDY)
     cpu_trainer(callbacks=[single]).validate(module, PromptDataModule(task, batch_size=2, eval_batch_size=1))
-    assert set(single.last) == {"val/avg@1", "val/pass@1"}
+    assert set(single.last) == {"val/avg@1", "val/pass@1", "val/derivations", "val/derivation_coverage", "val/derivations_available"}
     for name, value in single.last.items():
         assert ranks[0]["metrics"][name] == pytest.approx(value, abs=1e-12), name
     assert 0 < single.last["val/pass@1"] < 1, "outcomes must differ between problems for this test to mean anything"

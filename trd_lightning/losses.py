@@ -168,6 +168,17 @@ def k3_surrogate(student_logits, teacher_logits, tokens, mask):
     return sampled_kl_surrogate(student_logits, teacher_logits, tokens, mask, estimator="k3")
 
 
+def cross_entropy(student_logits, teacher_logits, tokens, mask):
+    """Mean over masked positions of ``-log p_student(token)``: supervised fine-tuning on the
+    response tokens (sequence-level KD on teacher samples, SFT on revised trajectories). The
+    teacher's logits are not used; `DistillationModule` skips the teacher forward for this loss."""
+    _check_shapes(student_logits, teacher_logits, mask, tokens)
+    keep = mask.bool()
+    logp = F.log_softmax(torch.where(keep.unsqueeze(-1), _upcast(student_logits), 0.0), dim=-1)
+    idx = torch.where(keep, tokens.long(), 0).unsqueeze(-1)
+    return _masked_mean(-logp.gather(-1, idx).squeeze(-1), mask)
+
+
 LOSSES: dict[str, Callable] = {
     "forward_kl": forward_kl,
     "reverse_kl": reverse_kl,
@@ -175,8 +186,11 @@ LOSSES: dict[str, Callable] = {
     "topk_reverse_kl": topk_reverse_kl,
     "k1": k1_surrogate,
     "k3": k3_surrogate,
+    "cross_entropy": cross_entropy,
 }
-_NEEDS_TOKENS = {"k1", "k3"}
+_NEEDS_TOKENS = {"k1", "k3", "cross_entropy"}
+# Losses that read only the student: the training step need not run the teacher for them.
+TEACHER_FREE = {"cross_entropy"}
 
 
 def get_loss(name: str) -> Callable:

@@ -9,7 +9,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["pass_at_k", "avg_at_n", "PassAtK"]
+__all__ = ["pass_at_k", "avg_at_n", "PassAtK", "distinct_derivations", "DerivationCoverage"]
 
 
 def _check_k(k: int) -> None:
@@ -124,11 +124,7 @@ class PassAtK(Metric):
         c = dim_zero_cat(self.num_correct)
         n = dim_zero_cat(self.num_samples)
 
-        # Keep the first row of each non-negative id: min row index per id via scatter.
-        uniq, inverse = torch.unique(ids, return_inverse=True)
-        pos = torch.arange(ids.numel(), device=ids.device)
-        first = torch.full_like(uniq, ids.numel()).scatter_reduce(0, inverse, pos, reduce="amin")
-        keep = (ids < 0) | (first[inverse] == pos)
+        keep = _first_occurrence(ids)
         c, n = c[keep], n[keep]
 
         keys = self._keys(n)
@@ -136,3 +132,64 @@ class PassAtK(Metric):
         for key, k in zip(keys[1:], self.ks):
             out[key] = pass_at_k(n, c, k).mean()
         return out
+
+
+def _first_occurrence(ids: Tensor) -> Tensor:
+    """Rows to keep: the first row of each non-negative id (min row index per id via scatter),
+    and every row with id -1."""
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    pos = torch.arange(ids.numel(), device=ids.device)
+    first = torch.full_like(uniq, ids.numel()).scatter_reduce(0, inverse, pos, reduce="amin")
+    return (ids < 0) | (first[inverse] == pos)
+
+
+def distinct_derivations(task, problem, responses: Sequence[str]) -> tuple[int, int] | None:
+    """``(distinct valid derivations among the correct responses, derivations the problem has)``.
+
+    Needs a task that knows its derivations (``derivation`` and ``valid_derivations``, as
+    `ArithmeticTask` does); ``None`` for any other task. Correct responses that follow no valid
+    derivation (``task.derivation`` is ``None``) are not counted.
+    """
+    if not (hasattr(task, "derivation") and hasattr(task, "valid_derivations")):
+        return None
+    found = {task.derivation(problem, r) for r in responses} - {None}
+    return len(found), len(task.valid_derivations(problem))
+
+
+class DerivationCoverage(Metric):
+    """Per problem, how many distinct valid derivations its correct samples follow.
+
+    ``update(distinct, available, problem_ids)``: one row per problem (see `distinct_derivations`);
+    rows sharing a non-negative id count once, as in `PassAtK`. ``compute`` returns
+    ``derivations`` (mean distinct derivations per problem), ``derivation_coverage`` (mean of
+    distinct / available) and ``derivations_available`` (mean available), float64.
+    """
+
+    higher_is_better = True
+    full_state_update = False
+    is_differentiable = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("problem_ids", default=[], dist_reduce_fx="cat")
+        self.add_state("distinct", default=[], dist_reduce_fx="cat")
+        self.add_state("available", default=[], dist_reduce_fx="cat")
+
+    def update(self, distinct: Tensor, available: Tensor, problem_ids: Tensor | None = None) -> None:
+        d = torch.as_tensor(distinct, device=self.device).reshape(-1).to(torch.int64)
+        a = torch.as_tensor(available, device=self.device).reshape(-1).to(torch.int64)
+        if d.shape != a.shape or bool((d < 0).any()) or bool((d > a).any()) or bool((a < 1).any()):
+            raise ValueError("need 0 <= distinct <= available and available >= 1, one entry per problem")
+        ids = torch.full_like(d, -1) if problem_ids is None else torch.as_tensor(problem_ids, device=self.device).reshape(-1).to(torch.int64)
+        self.problem_ids.append(ids)
+        self.distinct.append(d)
+        self.available.append(a)
+
+    def compute(self) -> dict[str, Tensor]:
+        names = ("derivations", "derivation_coverage", "derivations_available")
+        if isinstance(self.distinct, list) and not self.distinct:
+            return {k: torch.tensor(float("nan"), dtype=torch.float64, device=self.device) for k in names}
+        keep = _first_occurrence(dim_zero_cat(self.problem_ids))
+        d = dim_zero_cat(self.distinct)[keep].to(torch.float64)
+        a = dim_zero_cat(self.available)[keep].to(torch.float64)
+        return dict(zip(names, (d.mean(), (d / a).mean(), a.mean())))

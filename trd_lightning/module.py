@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from trd_lightning.engines import make_engine
 from trd_lightning.lora import apply_lora, is_lora, trainable_parameter_names
-from trd_lightning.losses import LOSSES, compute_loss
+from trd_lightning.losses import LOSSES, TEACHER_FREE, compute_loss
 from trd_lightning.models import (
     check_compatible,
     check_model_matches_tokenizer,
@@ -68,7 +68,7 @@ def half_precision_weights_message(setting: str) -> str:
     )
 
 
-LossName = Literal["reverse_kl", "forward_kl", "generalized_jsd", "topk_reverse_kl", "k1", "k3"]
+LossName = Literal["reverse_kl", "forward_kl", "generalized_jsd", "topk_reverse_kl", "k1", "k3", "cross_entropy"]
 
 
 class DistillationModule(LightningModule):
@@ -267,13 +267,13 @@ class DistillationModule(LightningModule):
     # --- steps ------------------------------------------------------------------------------
     def distillation_loss(self, rollout: Rollout) -> torch.Tensor:
         teacher_logits = rollout.teacher_logits
-        if teacher_logits is None:
+        if teacher_logits is None and self.loss_name not in TEACHER_FREE:
             teacher_logits = self.score(rollout.teacher, role="teacher")
         student_logits = self.score(rollout.student, role="student")
         return compute_loss(
             self.loss_name,
             student_logits,
-            teacher_logits,
+            student_logits.detach() if teacher_logits is None else teacher_logits,  # unread by TEACHER_FREE losses
             rollout.response_mask,
             tokens=rollout.response_ids,
             **self.loss_kwargs,

@@ -165,6 +165,17 @@ class RewriteReviser(Reviser):
             problem (and reference) and drops the attempt's last tokens, as few as needed, counted
             in ``revision/attempts_cut`` and ``revision/attempt_tokens_cut``; a problem that does
             not fit even without its attempt is an error (see `refinement_contexts`).
+        verified: replace each rewrite that the task's verifier fails by the rollout ``y_o``
+            itself, scored by the teacher under its ordinary context (``x``; ``(x, y*)`` in OPSD),
+            so a broken rewrite is never a target. Unlike ``refine="failed"`` (which the paper
+            found worse) every rollout is still rewritten; only failed rewrites are dropped. Logged
+            per batch: ``rewrite_accuracy`` (of the rewrites as sampled), ``rejected_rewrites``
+            (fraction replaced); ``accuracy_after`` is then the accuracy of what is trained on.
+        target_context: the teacher's context when it scores ``y_r``: ``refinement`` (``c_r``, the
+            paper) or ``problem`` (its ordinary context ``x``, as for a plain rollout), to test
+            whether the target under ``c_r`` (which has seen ``y_o``) is what misleads the student.
+        The refiner's temperature is ``sampling.temperature`` (the third option the fidelity
+        study varies).
     """
 
     def __init__(
@@ -174,9 +185,14 @@ class RewriteReviser(Reviser):
         sampling: Sampling | None = None,
         refiner: str | None = None,
         max_context_tokens: int | None = None,
+        verified: bool = False,
+        target_context: Literal["refinement", "problem"] = "refinement",
     ):
         if refine not in ("all", "failed"):
             raise ValueError(f"unknown refine mode {refine!r}; choose 'all' or 'failed'")
+        if target_context not in ("refinement", "problem"):
+            raise ValueError(f"unknown target_context {target_context!r}; choose 'refinement' (c_r, the paper) or 'problem' (x)")
+        self.verified, self.target_context = bool(verified), target_context
         self.refine, self.privileged, self.sampling = refine, privileged, sampling
         self.refiner_path, self.max_context_tokens = refiner, max_context_tokens
         self._refiner = None
@@ -257,7 +273,34 @@ class RewriteReviser(Reviser):
         revised = assemble_rollout(module, rollout.problems, new, teacher_prompts, info)
         if picked and not dummy and refiner_logits is not None:
             revised = revised.replace(teacher_logits=refiner_logits)
-        return revised
+        return self._apply_options(module, rollout, revised, selected, teacher_prompts)
+
+    def _apply_options(self, module, rollout: Rollout, revised: Rollout, selected: list[bool], teacher_prompts: list[str]) -> Rollout:
+        """``verified`` and ``target_context``: which rows are trained on, under which teacher context.
+        ``selected``: the rows `revise` rewrote; ``teacher_prompts``: their ``c_r`` (others: ``x``)."""
+        if not self.verified and self.target_context == "refinement":
+            return revised
+        task, tok = module.task, module.tokenizer
+        originals, new = rows(rollout), rows(revised)
+        texts_r = decode_responses(tok, revised.response_ids, revised.response_mask)
+        plain = [module.teacher_prompt(p) for p in rollout.problems]
+        prompts = list(teacher_prompts) if self.target_context == "refinement" else list(plain)
+        ok = [task.verify(p, t) for p, t in zip(rollout.problems, texts_r)]
+        rejected = [sel and not good for sel, good in zip(selected, ok)] if self.verified else [False] * len(new)
+        for i, bad in enumerate(rejected):
+            if bad:  # the failed rewrite is dropped: train on y_o under the teacher's ordinary context
+                new[i], prompts[i] = originals[i], plain[i]
+        revised_rows = torch.tensor([sel and not bad for sel, bad in zip(selected, rejected)])
+        t_star = first_difference(originals, new)
+        t_star[~revised_rows] = -1
+        info = revision_stats(module, rollout, revised_rows, t_star, new)
+        n_selected = max(sum(selected), 1)
+        info["rewrite_accuracy"] = sum(g for g, sel in zip(ok, selected) if sel) / n_selected
+        info["rejected_rewrites"] = sum(rejected) / max(len(rejected), 1)
+        for key in ("revision_tokens", "attempts_cut", "attempt_tokens_cut"):
+            info[key] = revised.info.get(key, 0)
+        # The refiner's logits belonged to c_r and to the rewrites: the loss scores afresh.
+        return assemble_rollout(module, rollout.problems, new, prompts, info)
 
     @staticmethod
     def _refiner_is_teacher(module) -> bool:

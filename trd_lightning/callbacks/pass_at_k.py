@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from trd_lightning.metrics import PassAtK
+from trd_lightning.metrics import DerivationCoverage, PassAtK, distinct_derivations
 from trd_lightning.rollout import Sampling, decode_responses
 
 
@@ -31,6 +31,11 @@ class PassAtKEvaluation(Callback):
         role: which model samples (``student`` or ``teacher``).
         seed: base seed of the evaluation samples.
         prefix: put before the metric names (``val/{prefix}avg@16``), to run several evaluations.
+        all_k: log pass@k for every k = 1..n (the Pass@k curve), not only ``ks``.
+        coverage: with a task that knows its valid derivations (``ArithmeticTask``), also log
+            ``{stage}/derivations``: per problem, the distinct valid derivations among its correct
+            samples, averaged over problems (and ``derivation_coverage``: that count over the
+            derivations the problem has). Other tasks log nothing extra.
     """
 
     def __init__(
@@ -43,9 +48,12 @@ class PassAtKEvaluation(Callback):
         seed: int = 1234,
         skip_sanity_check: bool = True,
         prefix: str = "",
+        all_k: bool = False,
+        coverage: bool = True,
     ):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        ks = range(1, n + 1) if all_k else ks
         bad = [k for k in ks if k > n]
         if bad:
             raise ValueError(f"pass@k needs k <= n: got k={bad} with n={n} samples; raise n or drop those k")
@@ -57,7 +65,10 @@ class PassAtKEvaluation(Callback):
         self.sampling = sampling or Sampling(temperature=0.6, top_p=0.95)
         self.skip_sanity_check = skip_sanity_check
         self.prefix = prefix
+        self.coverage = coverage
         self.metric = PassAtK(ks=self.ks, num_samples=n)
+        self.coverage_metric = DerivationCoverage()
+        self._coverage_rows: list[tuple[int, int]] = []
         self.last: dict[str, float] = {}
 
     @property
@@ -80,7 +91,15 @@ class PassAtKEvaluation(Callback):
             ids, mask = module.sample(prompts, role=self.role, sampling=self.sampling, num_return_sequences=self.n)
         texts = decode_responses(module.tokenizer, ids, mask)
         correct = torch.tensor([module.task.verify(problems[i // self.n], t) for i, t in enumerate(texts)])
+        self._record_coverage(module.task, problems, texts)
         return correct.view(len(problems), self.n).sum(-1)
+
+    def _record_coverage(self, task, problems: list, texts: list[str]) -> None:
+        """Distinct valid derivations per problem among its samples (picked up by `_on_batch_end`)."""
+        self._coverage_rows = []
+        if self.coverage:
+            counts = [distinct_derivations(task, p, texts[i * self.n : (i + 1) * self.n]) for i, p in enumerate(problems)]
+            self._coverage_rows = [] if None in counts else counts
 
     def _skip(self, trainer: Trainer) -> bool:
         return self.skip_sanity_check and trainer.sanity_checking
@@ -93,12 +112,19 @@ class PassAtKEvaluation(Callback):
         ids = torch.tensor([module.task.problem_id(p) for p in problems], dtype=torch.long)
         self.metric.to(module.device)
         self.metric.update(correct.to(module.device), self.n, ids.to(module.device))
+        if self._coverage_rows:
+            distinct, available = torch.tensor(self._coverage_rows).T
+            self.coverage_metric.to(module.device)
+            self.coverage_metric.update(distinct.to(module.device), available.to(module.device), ids.to(module.device))
 
     def _on_epoch_end(self, trainer, module, stage):
         if self._skip(trainer):
             return
         values = self.metric.compute()
         self.metric.reset()
+        if self.coverage_metric.update_count:
+            values.update(self.coverage_metric.compute())
+            self.coverage_metric.reset()
         self.last = {f"{stage}/{self.prefix}{k}": float(v) for k, v in values.items()}
         for name, value in self.last.items():
             # Already synchronised across ranks by the metric: log the same value everywhere.

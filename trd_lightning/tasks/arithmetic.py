@@ -211,6 +211,47 @@ class ArithmeticTask:
     def problem_id(self, problem: ArithmeticProblem) -> int:
         return zlib.crc32(problem.expression.encode())
 
+    # --- optional hook: coverage of alternative valid derivations (PassAtKEvaluation) ----------
+    def valid_derivations(self, problem: ArithmeticProblem) -> list[str]:
+        """Every clean correct solution: each ``+``/``*`` step with either operand first.
+
+        A step whose operands are equal (``3*3``) or that subtracts has one written form, so a
+        problem has ``2 ** (commutative steps with distinct operands)`` derivations.
+        """
+        options = []
+        for i, op in enumerate(problem.ops):
+            a, b = problem.running_values[i], problem.operands[i + 1]
+            options.append((False, True) if op != "-" and a != b else (False,))
+        out = [""]
+        for i, swaps in enumerate(options):
+            sep = "|" if i else ""
+            out = [prefix + sep + problem.step_text(i, swap=s) for prefix in out for s in swaps]
+        return [o + f"#{problem.answer}" for o in out]
+
+    def derivation(self, problem: ArithmeticProblem, response: str) -> tuple[bool, ...] | None:
+        """Which valid derivation a correct response follows: the operand order of each step
+        (``True`` = swapped), or ``None`` when it is not one (wrong answer, a wrong or missing step,
+        text that is not a step). A corrected step (``3+4=8!4+3=7``) counts as its last redo, as
+        `parse_steps` reads it, so a self-corrected solution counts under the derivation it ends in.
+        """
+        if not self.verify(problem, response):
+            return None
+        steps = parse_steps(clean_response(response))
+        if len(steps) != len(problem.ops):
+            return None
+        key = []
+        for i, got in enumerate(steps):
+            a, b, r = problem.running_values[i], problem.operands[i + 1], problem.running_values[i + 1]
+            if got is None or got[1] != problem.ops[i] or got[3] != r:
+                return None
+            if (got[0], got[2]) == (a, b):
+                key.append(False)
+            elif (got[0], got[2]) == (b, a) and problem.ops[i] != "-":
+                key.append(True)
+            else:
+                return None
+        return tuple(key)
+
     # --- optional hook: the prefix audit aligns its statistics on the verifier's first error ----
     def first_error_char(self, problem: ArithmeticProblem, response: str) -> int | None:
         """Index of the first character where ``response`` stops being a prefix of every correct
