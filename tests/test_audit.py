@@ -91,7 +91,7 @@ def test_report_folder_holds_the_promised_files(module, task, tmp_path):
 def test_mismatched_checkpoint_is_a_clear_error(module, task, tiny_paths, tokenizer, tmp_path):
     other_student = save_tiny(tmp_path / "other", tokenizer, seed=3, hidden_size=16)
     other = DistillationModule(student=other_student, teacher=tiny_paths["teacher"], task=task)
-    torch.save({"state_dict": other.state_dict()}, tmp_path / "other.ckpt")
+    torch.save({"state_dict": other.state_dict(), "pytorch-lightning_version": "2.6.6"}, tmp_path / "other.ckpt")
     sampled = count_calls(module, "sample")
     with pytest.raises(RuntimeError, match="other.ckpt does not match the configured model"):
         run_audit(module, num_problems=2, output_dir=None, ckpt_path=tmp_path / "other.ckpt", verbose=False)
@@ -102,7 +102,7 @@ def test_mismatched_checkpoint_is_a_clear_error(module, task, tiny_paths, tokeni
     # A matching checkpoint is loaded before sampling.
     key = next(k for k in module.state_dict() if k.endswith("q_proj.weight"))
     state = {k: v + 1 if k == key else v for k, v in module.state_dict().items()}
-    torch.save({"state_dict": state}, tmp_path / "same.ckpt")
+    torch.save({"state_dict": state, "pytorch-lightning_version": "2.6.6"}, tmp_path / "same.ckpt")
     run_audit(module, num_problems=1, output_dir=None, ckpt_path=tmp_path / "same.ckpt", verbose=False)
     assert torch.equal(module.state_dict()[key], state[key])
 

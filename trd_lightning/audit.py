@@ -254,17 +254,19 @@ def load_checkpoint(module, ckpt_path: str | Path) -> None:
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the .ckpt file written by `trd fit`")
-    # weights_only: a checkpoint is data, never code (Lightning's CLI reads its hparams the same way).
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds no state_dict; is it a Lightning checkpoint?")
+    from trd_lightning.checkpoint_io import load_checkpoint_file  # one line for each way a file can be bad
+
+    load_state_into(module, load_checkpoint_file(path)["state_dict"], path)
+
+
+def load_state_into(module, state: dict, path) -> None:
+    """``module.load_state_dict(state)``, naming the checkpoint and the likely cause on a mismatch."""
     try:
         module.load_state_dict(state)
     except RuntimeError as err:
         raise RuntimeError(
             f"checkpoint {path} does not match the configured model ({type(module).__name__}); use the config "
-            f"the checkpoint was trained with (same student). Details: {err}"
+            f"the checkpoint was trained with (same student, LoRA on/off). Details: {err}"
         ) from None
 
 

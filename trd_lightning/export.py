@@ -63,13 +63,9 @@ def load_student_weights(module, ckpt_path: str | Path) -> dict:
         state = ckpt.get("state_dict")
         if not isinstance(state, dict):
             raise ValueError(f"sharded checkpoint {path} holds no state_dict; is it a checkpoint of `trd fit`?")
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as err:
-            raise RuntimeError(
-                f"checkpoint {path} does not match the configured model ({type(module).__name__}); use the config "
-                f"the checkpoint was trained with (same student, LoRA on/off). Details: {err}"
-            ) from None
+        from trd_lightning.audit import load_state_into
+
+        load_state_into(module, state, path)
         return {k: ckpt.get(k) for k in ("epoch", "global_step")}
     if path.is_dir():
         raise FileNotFoundError(
