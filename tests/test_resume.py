@@ -179,7 +179,9 @@ def metrics(run_dir: Path) -> dict[tuple[int, str], float]:
         with open(path) as f:
             for row in csv.DictReader(f):
                 for name, value in row.items():
-                    if name not in ("epoch", "step") and value != "":
+                    # Wall-clock rates and times differ between any two runs; what a resume must
+                    # reproduce is everything else.
+                    if name not in ("epoch", "step") and value != "" and not name.endswith(("_per_s", "seconds", "overhead")):
                         values[(int(row["step"]), name)] = float(value)
     return values
 

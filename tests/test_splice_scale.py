@@ -100,8 +100,9 @@ def test_hsdp_two_pass_splice_fit_saves_and_resumes_on_4_processes(tmp_path):
     fused_off.write_text(yaml.safe_dump({"trainer": {"callbacks": _splice_callbacks(fused=False)}}))
     launch_cli(tmp_path, splice, fused_off, CONFIGS / "fsdp.yaml", first, timeout=600)
     saved = ranks(tmp_path / "hsdp", 4)
-    ckpt = tmp_path / "checkpoints" / "arith" / "trd_splice" / "last.ckpt"
-    assert ckpt.is_dir(), "a sharded checkpoint (one file per rank) was saved"
+    found = sorted(tmp_path.rglob("last.ckpt"))  # the run's own runs/<name>/version_N/checkpoints/
+    assert len(found) == 1 and found[0].is_dir(), f"a sharded checkpoint (one file per rank) was saved: {found}"
+    ckpt = found[0]
     resumed_cfg = overlay(tmp_path, "resumed", devices=4, steps=3, strategy=strategy("auto"), ckpt_path=str(ckpt))
     launch_cli(tmp_path, splice, fused_off, CONFIGS / "fsdp.yaml", resumed_cfg, timeout=600)
     resumed = ranks(tmp_path / "resumed", 4)

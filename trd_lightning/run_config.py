@@ -45,6 +45,8 @@ _FIT_SAFE = (
     "data.init_args.eval_batch_size", "data.init_args.num_workers",
     "data.init_args.task.init_args.val_*", "data.init_args.task.init_args.test_*",
     "model.init_args.nonfinite",
+    # How sharded weights are gathered for a rollout: the same rollouts either way (tested).
+    "trainer.strategy.init_args.rollout_gather",
     "test_after_fit", "ckpt_path", "config", "__path__", "audit.*",
 )
 # ... except these callbacks, which change the training signal.
