@@ -12,6 +12,19 @@ from trd_lightning.tasks.arithmetic_tokenizer import build_arithmetic_tokenizer
 
 torch.set_num_threads(2)
 
+#: A `trd fit -c configs/arith/opd.yaml` small enough for an end-to-end test (3 steps, 16 test problems).
+SMALL_ARITH_RUN = [
+    "--trainer.max_steps=3",
+    "--trainer.val_check_interval=3",
+    "--trainer.enable_progress_bar=false",
+    "--data.init_args.batch_size=8",
+    "--data.init_args.eval_batch_size=16",
+    "--data.init_args.task.init_args.val_size=16",
+    "--data.init_args.task.init_args.test_size=16",
+]
+#: What PassAtKEvaluation(n=16, ks=[1, 8]) logs on the arithmetic test split (with derivation coverage).
+ARITH_TEST_KEYS = {"test/avg@16", "test/pass@1", "test/pass@8", "test/derivations", "test/derivation_coverage", "test/derivations_available"}
+
 
 def save_tiny(path, tokenizer, seed: int, hidden_size: int = 32, num_layers: int = 2):
     model = build_tiny_causal_lm(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=2, seed=seed)

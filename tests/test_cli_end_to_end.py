@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ARITH_TEST_KEYS, SMALL_ARITH_RUN
 from trd_lightning.callbacks import PassAtKEvaluation
 from trd_lightning.cli import build_cli
 
@@ -15,18 +16,10 @@ OPD = str(Path(__file__).resolve().parents[1] / "configs" / "arith" / "opd.yaml"
 @pytest.mark.slow
 def test_fit_then_test_from_checkpoint_reproduces_logged_numbers(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the config writes runs/ and checkpoints/ relative to here
-    small = [
-        "--trainer.max_steps=3",
-        "--trainer.val_check_interval=3",
-        "--trainer.enable_progress_bar=false",
-        "--data.init_args.batch_size=8",
-        "--data.init_args.eval_batch_size=16",
-        "--data.init_args.task.init_args.val_size=16",
-        "--data.init_args.task.init_args.test_size=16",
-    ]
+    small = SMALL_ARITH_RUN
     fit = build_cli(["fit", "-c", OPD, *small])
     logged = next(cb for cb in fit.trainer.callbacks if isinstance(cb, PassAtKEvaluation)).last
-    assert set(logged) == {"test/avg@16", "test/pass@1", "test/pass@8", "test/derivations", "test/derivation_coverage", "test/derivations_available"}
+    assert set(logged) == ARITH_TEST_KEYS
     ckpt = tmp_path / "runs" / "opd" / "version_0" / "checkpoints" / "last.ckpt"  # each run: its own folder
     assert ckpt.exists()
     again = build_cli(["test", "-c", OPD, *small, f"--ckpt_path={ckpt}"])

@@ -13,6 +13,7 @@ import torch
 vllm = pytest.importorskip("vllm")
 
 from engine_checks import first_token_law_gap, hf_continuation_logprobs  # noqa: E402
+from tests.conftest import ARITH_TEST_KEYS, SMALL_ARITH_RUN  # noqa: E402
 from trd_lightning.engines import HFEngine, VLLMEngine  # noqa: E402
 from trd_lightning.module import DistillationModule  # noqa: E402
 from trd_lightning.rollout import Sampling, encode_prompts  # noqa: E402
@@ -166,21 +167,12 @@ def test_cli_fit_then_test_with_vllm_reproduces_logged_numbers(tmp_path, monkeyp
 
     opd = str(Path(__file__).resolve().parents[1] / "configs" / "arith" / "opd.yaml")
     monkeypatch.chdir(tmp_path)
-    small = [
-        "--model.init_args.rollout_engine=vllm",
-        "--trainer.max_steps=3",
-        "--trainer.val_check_interval=3",
-        "--trainer.enable_progress_bar=false",
-        "--data.init_args.batch_size=8",
-        "--data.init_args.eval_batch_size=16",
-        "--data.init_args.task.init_args.val_size=16",
-        "--data.init_args.task.init_args.test_size=16",
-    ]
+    small = ["--model.init_args.rollout_engine=vllm", *SMALL_ARITH_RUN]
     fit = build_cli(["fit", "-c", opd, *small])
     assert fit.model.engine.name == "vllm" and fit.model.engine.syncs >= 3  # a push after every update
     logged = next(cb for cb in fit.trainer.callbacks if isinstance(cb, PassAtKEvaluation)).last
     fit.model.engine.close()
     again = build_cli(["test", "-c", opd, *small, f"--ckpt_path={tmp_path / 'runs' / 'opd' / 'version_0' / 'checkpoints' / 'last.ckpt'}"])
     repeated = next(cb for cb in again.trainer.callbacks if isinstance(cb, PassAtKEvaluation)).last
-    assert set(logged) == {"test/avg@16", "test/pass@1", "test/pass@8", "test/derivations", "test/derivation_coverage", "test/derivations_available"}
+    assert set(logged) == ARITH_TEST_KEYS
     assert repeated == logged
