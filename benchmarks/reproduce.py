@@ -87,7 +87,7 @@ def run_one(job: dict) -> dict:
     revision = [cb for cb in cli.trainer.callbacks if isinstance(cb, TrajectoryRevision)]
     evaluation = PassAtKEvaluation(n=16, all_k=True)
     common = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    result = {"method": method, "seed": seed}
+    result = {"method": method, "seed": seed, "steps": mode["steps"], "curve_every": job.get("curve_every", 0), "commit": _commit()}
     if method != "initial":
         curve = [LearningCurve(every_n_steps=job["curve_every"], num_problems=64)] if job.get("curve_every") else []
         trainer = Trainer(max_steps=mode["steps"], limit_val_batches=0, callbacks=revision + curve, **common)
@@ -107,6 +107,43 @@ def run_one(job: dict) -> dict:
     tester.test(cli.model, datamodule=cli.datamodule, verbose=False)
     result.update({k.split("/", 1)[1]: v for k, v in evaluation.last.items()})
     return result
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "trd_lightning", "configs"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_file(run: dict) -> str:
+    return f"{run['method']}_seed{run['seed']}.json"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def cached_runs(cache: Path, jobs: list[dict]) -> list[dict]:
+    """The runs of ``jobs`` already finished under ``cache`` at the same steps and curve interval."""
+    runs = []
+    for job in jobs:
+        path = cache / run_file(job)
+        if not path.exists():
+            continue
+        run = json.loads(path.read_text())
+        if run.get("steps") == job["steps"] and run.get("curve_every", 0) == job.get("curve_every", 0):
+            runs.append(run)
+        else:
+            print(f"ignoring {path}: made with steps={run.get('steps')} curve_every={run.get('curve_every')}", flush=True)
+    return runs
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -156,11 +193,12 @@ def fmt(ms: tuple[float, float], digits: int = 3) -> str:
     return "–" if m is None or math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def markdown(rows: list[dict], mode: str, seeds: list[int], minutes: float, earlier: list[str] = ()) -> str:
+def markdown(rows: list[dict], mode: str, seeds: list[int], minutes: float, earlier: list[str] = (), commits: list[str] = ()) -> str:
     kept = f" Rows from an earlier run, merged with --update: {', '.join(earlier)}." if earlier else ""
+    kept += f" Runs made at commit(s) {', '.join(commits)}." if commits else ""
     lines = [
         f"Mode `{mode}` ({MODES[mode]['steps']} steps × batch {MODES[mode]['batch_size']}, "
-        f"{MODES[mode]['test_size']} test problems × 16 samples, seeds {seeds}; {minutes:.1f} min wall clock).{kept}",
+        f"{MODES[mode]['test_size']} test problems × 16 samples, seeds {seeds}; {minutes:.1f} min wall clock in the last sitting).{kept}",
         "",
         "| setting | method | seeds | Avg@16 | Avg@16 95 % CI | Pass@1 | Pass@8 | Pass@16 | Pass@16 95 % CI | derivations / problem | "
         "s / step | step ÷ baseline step | revision s / step |",
@@ -249,6 +287,7 @@ def main() -> None:
         "--update", action="store_true",
         help="merge into the existing results of this mode: re-run --methods, keep the other methods' runs",
     )
+    parser.add_argument("--fresh", action="store_true", help="re-run every job, ignoring the finished runs kept under runs_<mode>/")
     args = parser.parse_args()
     if args.steps is not None:
         MODES[args.mode]["steps"] = args.steps
@@ -262,11 +301,20 @@ def main() -> None:
     jobs = [{"method": "initial", "seed": args.seeds[0], "mode": args.mode, "steps": MODES[args.mode]["steps"]}]
     jobs += [{"method": m, "seed": s, "mode": args.mode, "steps": MODES[args.mode]["steps"], "curve_every": curve_every}
              for s in args.seeds for m in args.methods]  # fmt: skip
+    # Every finished run is kept in its own file under runs_<mode>/, so a long full-mode table can
+    # be built over several sittings: a run whose file exists (same steps and curve interval) is
+    # not repeated unless --fresh is given.
+    cache = args.out / f"runs_{args.mode}"
+    cache.mkdir(parents=True, exist_ok=True)
+    results = [] if args.fresh else cached_runs(cache, jobs)
+    done = {(r["method"], r["seed"]) for r in results}
+    todo = [j for j in jobs if (j["method"], j["seed"]) not in done]
+    print(f"{len(jobs)} runs: {len(results)} from {cache}, {len(todo)} to run", flush=True)
     start = time.perf_counter()
     with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
-        results = []
-        for result in pool.imap_unordered(run_one, jobs):
+        for result in pool.imap_unordered(run_one, todo):
             results.append(result)
+            write_atomic(cache / run_file(result), json.dumps(result, indent=1))
             print(f"[{time.perf_counter() - start:6.0f}s] {result['method']:>12} seed {result['seed']}: "
                   f"avg@16 {result['avg@16']:.3f} pass@8 {result['pass@8']:.3f}", flush=True)
     minutes = (time.perf_counter() - start) / 60
@@ -280,7 +328,7 @@ def main() -> None:
         methods = [m for ms in METHODS.values() for m in ms if m in {r["method"] for r in results}]
     rows = summarise(results, ["initial", *methods])
     args.out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, args.mode, args.seeds, minutes, earlier)
+    table = markdown(rows, args.mode, args.seeds, minutes, earlier, sorted({r.get("commit", "unknown") for r in results}))
     (args.out / f"reproduction_{args.mode}.md").write_text(table)
     (args.out / f"reproduction_{args.mode}.json").write_text(json.dumps({"mode": args.mode, "runs": results}, indent=1))
     plot(rows, args.out / f"reproduction_{args.mode}.png", results)
