@@ -78,8 +78,9 @@ def probe_quantized_model(model: torch.nn.Module, bits: int) -> None:
     real layer shapes fails here, before any compute, naming the layers and the rule.
 
     The import-time probe (`check_bitsandbytes`) only shows that the backend runs at all; which
-    layer widths it accepts depends on the backend (measured on this CPU build: 4-bit needs input
-    widths that are multiples of 64; 32 is not enough), so the model's own layers are what count.
+    layer widths it accepts depends on the backend and its version (earlier CPU builds needed 4-bit
+    input widths that are multiples of 64; bitsandbytes 0.50.2 runs 96), so the model's own layers
+    are what count.
     """
     device = next(model.parameters()).device
     try:

@@ -134,15 +134,33 @@ def test_prompt_longer_than_the_positions_is_refused_before_compute(parts, tmp_p
 
 
 # --- item 6: the CPU 4-bit teacher is probed with its real layer shapes ----------------------
-@pytest.mark.parametrize("width, ok", [(96, False), (64, True)])
-def test_4bit_teacher_with_unsupported_layer_widths_fails_at_construction(parts, tmp_path, width, ok):
+def _bnb_4bit_linear_runs(in_features: int) -> bool:
+    """Whether this bitsandbytes build's CPU 4-bit kernel runs a bare layer of this input width
+    (independent of the module: decides which behaviour the test below must see)."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(in_features, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, in_features), requires_grad=False, quant_type="nf4")
+    try:
+        return bool(torch.isfinite(layer.to("cpu")(torch.randn(2, in_features))).all())
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("width", [96, 64])
+def test_4bit_teacher_with_unsupported_layer_widths_fails_at_construction(parts, tmp_path, width):
+    """The kernel's width rule depends on the bitsandbytes build (0.50.2 runs width 96 on CPU,
+    earlier builds measured here did not): a width the kernel cannot run is refused when the module
+    is built, naming the layers and the rule; a width it runs builds a working teacher."""
     pytest.importorskip("bitsandbytes")
     teacher = save_model(tmp_path / "teacher", "llama", "chatml", seed=3, width=width)
     kwargs = dict(student=parts["llama-qwen2"]["student"], teacher=teacher, teacher_quantization={"load_in_4bit": True})
-    if ok:
-        DistillationModule(**kwargs)
+    if _bnb_4bit_linear_runs(width):
+        module = DistillationModule(**kwargs)
+        logits = module.teacher(input_ids=torch.tensor([[1, 2, 3]])).logits
+        assert torch.isfinite(logits).all()
         return
-    with pytest.raises(RuntimeError, match=r"input width to be a multiple of 64.*in_features 96.*skip_modules"):
+    with pytest.raises(RuntimeError, match=rf"input width to be a multiple of 64.*in_features {width}.*skip_modules"):
         DistillationModule(**kwargs)
 
 
