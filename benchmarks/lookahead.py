@@ -1,9 +1,9 @@
 """How many tokens the student should draft per teacher forward in the splice reviser's decode.
 
-    python benchmarks/lookahead.py                       # ~2 minutes on 2 CPU cores
-    python benchmarks/lookahead.py --lookahead 1 2 3 4 6 --rounds 20
-    python benchmarks/lookahead.py --split --lookahead 3 --pairs random   # time per model call too
-    python benchmarks/lookahead.py --compaction --lookahead 3 --rounds 30  # with vs without dropping finished rows
+    python -m benchmarks.lookahead                       # ~2 minutes on 2 CPU cores
+    python -m benchmarks.lookahead --lookahead 1 2 3 4 6 --rounds 20
+    python -m benchmarks.lookahead --split --lookahead 3 --pairs random   # time per model call too
+    python -m benchmarks.lookahead --compaction --lookahead 3 --rounds 30  # with vs without dropping finished rows
 
 `PrefixSpliceReviser` decodes speculatively: the student drafts ``lookahead`` tokens, the teacher
 checks them in one forward (``lookahead=1``: one teacher step per token). More lookahead means
@@ -11,7 +11,7 @@ fewer teacher forwards but more student drafts thrown away after a rejection. Th
 fused revised rollout (``sample_revised``: the decode and everything around it, no training) per
 lookahead, interleaved round by round in one process, for two pairs:
 
-* ``random``: the random pair of ``benchmarks/throughput.py`` (64 x 2 student, 128 x 3 teacher),
+* ``random``: the random pair of ``benchmarks.throughput`` (64 x 2 student, 128 x 3 teacher),
   proposals forced to 32 tokens: the teacher disowns almost every first token, so nearly every
   token is a restricted draw;
 * ``trained``: the shipped arithmetic student and teacher (``trd_lightning/assets/arith``), the
@@ -32,12 +32,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def build_module(pair: str, tmp: str, batch_size: int, student_size=(64, 2), teacher_size=(128, 3)):
-    from throughput import FixedLengthSampling, build_models
+    from benchmarks.throughput.harness import FixedLengthSampling, build_models
 
     import trd_lightning
     from trd_lightning import DistillationModule, Sampling
@@ -159,7 +157,7 @@ def compaction_ab(pair: str, lookahead: int, rounds: int, batch_size: int, devic
     select = DynamicCache.batch_select_indices
 
     def unavailable(self):
-        raise AttributeError("batch_select_indices disabled by benchmarks/lookahead.py --compaction")
+        raise AttributeError("batch_select_indices disabled by benchmarks.lookahead --compaction")
 
     times = {"with": [], "without": []}
     with tempfile.TemporaryDirectory(prefix="trd_lookahead_") as tmp:
@@ -250,7 +248,7 @@ def _run(args, argv: list[str] | None) -> list[dict]:
     ]
     report = "\n\n".join([
         "# Lookahead of the splice reviser's speculative decode",
-        f"Command: `{' '.join(['python', 'benchmarks/lookahead.py', *(argv if argv is not None else sys.argv[1:])])}`",
+        f"Command: `{' '.join(['python', '-m', 'benchmarks.lookahead', *(argv if argv is not None else sys.argv[1:])])}`",
         (
             f"Measured {datetime.datetime.now().isoformat(timespec='minutes')}, {args.threads} torch thread(s), batch "
             f"{args.batch_size}, median of {args.rounds} interleaved rollouts per run (one process; {device}). Random pair: "
