@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from benchmarks import sharded_rollout
-from tests.splice_fit import ROOT, launch_cli
+from tests.helpers import ROOT
+from tests.splice_fit import launch_cli
 from tests.test_splice_scale import assert_single_process_rollouts, ranks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
