@@ -41,7 +41,7 @@ def launch(out, student, teacher, *options, world_size: int, accelerator: str = 
     return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
-class FirstStepCheck(Callback):
+class _FirstStepCheck(Callback):
     """Recomputes step 0's loss with unsharded copies of the initial models, on the same rollout."""
 
     def __init__(self, student: str, teacher: str):
@@ -96,7 +96,7 @@ def main() -> None:
     with torch.no_grad():
         probe_before = module.teacher(probe.to(module.teacher.device)).logits.float().cpu() if args.teacher_4bit else None
     student_before = {k: v.clone() for k, v in module.student.state_dict().items()}
-    check = FirstStepCheck(args.student, None if args.teacher_4bit else args.teacher)
+    check = _FirstStepCheck(args.student, None if args.teacher_4bit else args.teacher)
     trainer = Trainer(
         accelerator=args.accelerator, devices=args.devices,
         strategy=FSDP2Strategy(

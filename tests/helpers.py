@@ -67,8 +67,8 @@ def cpu_trainer(**kwargs) -> Trainer:
 # --- the math path: a tiny chat tokenizer and models built in code, and jsonl files ------------
 # The tokenizer is character-level with Qwen-style special tokens and a Jinja ``chat_template``: a
 # real `PreTrainedTokenizerFast`, saved and loaded like a hub tokenizer, standing in for Qwen3's.
-SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>")
-CHARS = string.printable.replace("\r", "").replace("\x0b", "").replace("\x0c", "")
+_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>")
+_CHARS = string.printable.replace("\r", "").replace("\x0b", "").replace("\x0c", "")
 CHAT_TEMPLATE = (
     "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -76,7 +76,7 @@ CHAT_TEMPLATE = (
 
 
 def build_chat_tokenizer(chat_template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate((*SPECIAL, *CHARS))}
+    vocab = {tok: i for i, tok in enumerate((*_SPECIAL, *_CHARS))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
@@ -156,7 +156,7 @@ def hf_continuation_logprobs(model, sequences: list[list[int]], start: int) -> t
 
 # --- subprocess runs ---------------------------------------------------------------------------
 # Left behind by an earlier in-process distributed run; each launch must choose its own.
-DIST_VARS = ("LOCAL_RANK", "RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_DIST_VARS = ("LOCAL_RANK", "RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def run_isolated(command: list[str], cwd, timeout: float, what: str, tail: int = 5000) -> str:
@@ -165,7 +165,7 @@ def run_isolated(command: list[str], cwd, timeout: float, what: str, tail: int =
     (naming ``what``) instead of blocking CI; returns its stderr, asserts it exited 0."""
     import pytest
 
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
