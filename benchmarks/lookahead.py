@@ -1,9 +1,9 @@
 """How many tokens the student should draft per teacher forward in the splice reviser's decode.
 
-    python benchmarks/lookahead.py                       # ~2 minutes on 2 CPU cores
-    python benchmarks/lookahead.py --lookahead 1 2 3 4 6 --rounds 20
-    python benchmarks/lookahead.py --split --lookahead 3 --pairs random   # time per model call too
-    python benchmarks/lookahead.py --compaction --lookahead 3 --rounds 30  # with vs without dropping finished rows
+    python -m benchmarks.lookahead                       # ~2 minutes on 2 CPU cores
+    python -m benchmarks.lookahead --lookahead 1 2 3 4 6 --rounds 20
+    python -m benchmarks.lookahead --split --lookahead 3 --pairs random   # time per model call too
+    python -m benchmarks.lookahead --compaction --lookahead 3 --rounds 30  # with vs without dropping finished rows
 
 `PrefixSpliceReviser` decodes speculatively: the student drafts ``lookahead`` tokens, the teacher
 checks them in one forward (``lookahead=1``: one teacher step per token). More lookahead means
@@ -11,7 +11,7 @@ fewer teacher forwards but more student drafts thrown away after a rejection. Th
 fused revised rollout (``sample_revised``: the decode and everything around it, no training) per
 lookahead, interleaved round by round in one process, for two pairs:
 
-* ``random``: the random pair of ``benchmarks/throughput.py`` (64 x 2 student, 128 x 3 teacher),
+* ``random``: the random pair of ``benchmarks.throughput`` (64 x 2 student, 128 x 3 teacher),
   proposals forced to 32 tokens: the teacher disowns almost every first token, so nearly every
   token is a restricted draw;
 * ``trained``: the shipped arithmetic student and teacher (``trd_lightning/assets/arith``), the
@@ -32,12 +32,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def build_module(pair: str, tmp: str, batch_size: int, student_size=(64, 2), teacher_size=(128, 3)):
-    from throughput import FixedLengthSampling, build_models
+def _build_module(pair: str, tmp: str, batch_size: int, student_size=(64, 2), teacher_size=(128, 3)):
+    from benchmarks.throughput.harness import FixedLengthSampling, build_models
 
     import trd_lightning
     from trd_lightning import DistillationModule, Sampling
@@ -55,13 +53,13 @@ def build_module(pair: str, tmp: str, batch_size: int, student_size=(64, 2), tea
     return module, list(task.problems("train"))[:batch_size]
 
 
-def measure(pair: str, lookaheads: list[int], rounds: int, batch_size: int, device: str = "cpu", sizes=None) -> list[dict]:
+def _measure(pair: str, lookaheads: list[int], rounds: int, batch_size: int, device: str = "cpu", sizes=None) -> list[dict]:
     import torch
 
     from trd_lightning.revision import PrefixSpliceReviser
 
     with tempfile.TemporaryDirectory(prefix="trd_lookahead_") as tmp:
-        module, problems = build_module(pair, tmp, batch_size, *(sizes or ()))
+        module, problems = _build_module(pair, tmp, batch_size, *(sizes or ()))
         module.to(device)
 
         def opd():
@@ -104,7 +102,7 @@ def measure(pair: str, lookaheads: list[int], rounds: int, batch_size: int, devi
     return rows
 
 
-def split_calls(pair: str, lookahead: int, rounds: int, batch_size: int, device: str = "cpu", sizes=None) -> str:
+def _split_calls(pair: str, lookahead: int, rounds: int, batch_size: int, device: str = "cpu", sizes=None) -> str:
     """Where one fused rollout's time goes: each model call timed (prefill or forward over k new
     tokens), the rest is sampling arithmetic and bookkeeping."""
     import collections
@@ -114,7 +112,7 @@ def split_calls(pair: str, lookahead: int, rounds: int, batch_size: int, device:
     from trd_lightning import revision, splice_decode
 
     with tempfile.TemporaryDirectory(prefix="trd_lookahead_") as tmp:
-        module, problems = build_module(pair, tmp, batch_size, *(sizes or ()))
+        module, problems = _build_module(pair, tmp, batch_size, *(sizes or ()))
         module.to(device)
         student = module.model_for("student")
         spent, calls = collections.defaultdict(float), collections.Counter()
@@ -149,7 +147,7 @@ def split_calls(pair: str, lookahead: int, rounds: int, batch_size: int, device:
     return "\n".join(lines)
 
 
-def compaction_ab(pair: str, lookahead: int, rounds: int, batch_size: int, device: str = "cpu", sizes=None) -> str:
+def _compaction_ab(pair: str, lookahead: int, rounds: int, batch_size: int, device: str = "cpu", sizes=None) -> str:
     """The decode with and without dropping finished rows, interleaved. Without: the caches are
     made to look as if they could not select rows (the decode then keeps every row to the end)."""
     from transformers import DynamicCache
@@ -159,11 +157,11 @@ def compaction_ab(pair: str, lookahead: int, rounds: int, batch_size: int, devic
     select = DynamicCache.batch_select_indices
 
     def unavailable(self):
-        raise AttributeError("batch_select_indices disabled by benchmarks/lookahead.py --compaction")
+        raise AttributeError("batch_select_indices disabled by benchmarks.lookahead --compaction")
 
     times = {"with": [], "without": []}
     with tempfile.TemporaryDirectory(prefix="trd_lookahead_") as tmp:
-        module, problems = build_module(pair, tmp, batch_size, *(sizes or ()))
+        module, problems = _build_module(pair, tmp, batch_size, *(sizes or ()))
         module.to(device)
         reviser = PrefixSpliceReviser(lookahead=lookahead)
         try:
@@ -184,7 +182,7 @@ def compaction_ab(pair: str, lookahead: int, rounds: int, batch_size: int, devic
     return f"| {pair} | {lookahead} | {1000 * without:.0f} | {1000 * with_:.0f} | {with_ / without:.2f}× |"
 
 
-def table(rows: list[dict], first: int) -> str:
+def _table(rows: list[dict], first: int) -> str:
     lines = [
         f"| pair | run | ms (median) | ÷ OPD rollout | ÷ lookahead {first} | teacher forwards | drafts kept |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -236,27 +234,27 @@ def _run(args, argv: list[str] | None) -> list[dict]:
     sizes = (tuple(args.student_size), tuple(args.teacher_size))
     if args.split:
         for pair in args.pairs:
-            print(split_calls(pair, args.lookahead[0], args.rounds, args.batch_size, device, sizes if pair == "random" else None))
+            print(_split_calls(pair, args.lookahead[0], args.rounds, args.batch_size, device, sizes if pair == "random" else None))
         return []
     if args.compaction:
         print("| pair | lookahead | ms, finished rows kept | ms, finished rows dropped | ratio |\n|---|---:|---:|---:|---:|")
         for pair in args.pairs:
-            print(compaction_ab(pair, args.lookahead[0], args.rounds, args.batch_size, device, sizes if pair == "random" else None))
+            print(_compaction_ab(pair, args.lookahead[0], args.rounds, args.batch_size, device, sizes if pair == "random" else None))
         return []
     rows = [
         row
         for pair in args.pairs
-        for row in measure(pair, args.lookahead, args.rounds, args.batch_size, device, sizes if pair == "random" else None)
+        for row in _measure(pair, args.lookahead, args.rounds, args.batch_size, device, sizes if pair == "random" else None)
     ]
     report = "\n\n".join([
         "# Lookahead of the splice reviser's speculative decode",
-        f"Command: `{' '.join(['python', 'benchmarks/lookahead.py', *(argv if argv is not None else sys.argv[1:])])}`",
+        f"Command: `{' '.join(['python', '-m', 'benchmarks.lookahead', *(argv if argv is not None else sys.argv[1:])])}`",
         (
             f"Measured {datetime.datetime.now().isoformat(timespec='minutes')}, {args.threads} torch thread(s), batch "
             f"{args.batch_size}, median of {args.rounds} interleaved rollouts per run (one process; {device}). Random pair: "
             f"student {args.student_size[0]} × {args.student_size[1]}, teacher {args.teacher_size[0]} × {args.teacher_size[1]}."
         ),
-        table(rows, args.lookahead[0]),
+        _table(rows, args.lookahead[0]),
         (
             "teacher forwards: per rollout (prefill excluded); drafts kept: the share of drafted tokens kept, "
             "the rest were dropped after a rejection or past a row's end."

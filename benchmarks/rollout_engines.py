@@ -44,18 +44,18 @@ from trd_lightning.rollout import Context, Sampling, encode_prompts, response_lo
 from trd_lightning.tasks import ArithmeticTask  # noqa: E402
 from trd_lightning.tasks.arithmetic_tokenizer import build_arithmetic_tokenizer  # noqa: E402
 
-SIZES = {"shipped": None, "25M": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1536)}
+_SIZES = {"shipped": None, "25M": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1536)}
 
 
-def build_student(size: str, tokenizer, folder: str) -> torch.nn.Module:
-    if SIZES[size] is None:
+def _build_student(size: str, tokenizer, folder: str) -> torch.nn.Module:
+    if _SIZES[size] is None:
         return load_causal_lm("builtin:arith/student", trainable=True)
-    model = build_tiny_causal_lm(tokenizer, seed=0, **SIZES[size])
+    model = build_tiny_causal_lm(tokenizer, seed=0, **_SIZES[size])
     model.save_pretrained(folder)  # a real checkpoint, loaded back like any other
     return load_causal_lm(folder, trainable=True)
 
 
-def forced(engine_name: str, new_tokens: int, tokenizer) -> dict:
+def _forced(engine_name: str, new_tokens: int, tokenizer) -> dict:
     """How each engine is made to sample exactly ``new_tokens`` tokens per row."""
     if engine_name == "hf_continuous":  # it has no min_new_tokens
         return {"stop_ids": []}
@@ -63,11 +63,11 @@ def forced(engine_name: str, new_tokens: int, tokenizer) -> dict:
 
 
 def rollout(engine, name, model, tok, ids, mask, sampling, new_tokens):
-    out, out_mask = engine.generate(model, tok, ids, mask, sampling, **forced(name, new_tokens, tok))
+    out, out_mask = engine.generate(model, tok, ids, mask, sampling, **_forced(name, new_tokens, tok))
     return out, out_mask
 
 
-def opd_step(engine, name, student, teacher, tok, ids, mask, sampling, optimizer, new_tokens):
+def _opd_step(engine, name, student, teacher, tok, ids, mask, sampling, optimizer, new_tokens):
     """Rollout, teacher forward, student forward/backward (reverse KL), AdamW: the module's step."""
     start = time.perf_counter()
     out, out_mask = rollout(engine, name, student, tok, ids, mask, sampling, new_tokens)
@@ -82,7 +82,7 @@ def opd_step(engine, name, student, teacher, tok, ids, mask, sampling, optimizer
     return rollout_s, time.perf_counter() - start, int(out_mask.sum())
 
 
-def law_gap(engine, model, tok, n: int) -> tuple[float, float]:
+def _law_gap(engine, model, tok, n: int) -> tuple[float, float]:
     sampling = Sampling(temperature=1.5, top_p=0.9, max_new_tokens=1)
     ids, mask = encode_prompts(tok, ["3+4*2-5="], "cpu")
     with torch.no_grad():
@@ -93,7 +93,7 @@ def law_gap(engine, model, tok, n: int) -> tuple[float, float]:
     return 0.5 * (counts / n - law).abs().sum().item(), 0.5 * ((law > 0).sum().item() / n) ** 0.5
 
 
-def available(names):
+def _available(names):
     ok, missing = [], {}
     for name in names:
         try:
@@ -107,7 +107,7 @@ def available(names):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--engines", nargs="+", default=list(ENGINES))
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=list(_SIZES), choices=list(_SIZES))
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=7)
@@ -119,7 +119,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     tok = build_arithmetic_tokenizer()
-    names, missing = available(args.engines)
+    names, missing = _available(args.engines)
     task = ArithmeticTask(min_steps=3, max_steps=5)
     problems = [task.problems("train")[i] for i in range(args.rows)]
     prompts = [task.student_prompt(p) for p in problems]
@@ -137,8 +137,8 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
-            students = {n: build_student(size, tok, os.path.join(folder, size)) for n in names}
-            teacher = build_student(size, tok, os.path.join(folder, size)).eval().requires_grad_(False)
+            students = {n: _build_student(size, tok, os.path.join(folder, size)) for n in names}
+            teacher = _build_student(size, tok, os.path.join(folder, size)).eval().requires_grad_(False)
             n_params = sum(p.numel() for p in teacher.parameters())
             engines = {n: make_engine(n) for n in names}
             optims = {n: torch.optim.AdamW(students[n].parameters(), lr=1e-5) for n in names}
@@ -147,7 +147,7 @@ def main() -> None:
                 order = names[r % len(names):] + names[: r % len(names)]
                 for n in order:
                     torch.manual_seed(r)
-                    roll_s, step_s, tokens = opd_step(engines[n], n, students[n], teacher, tok, ids, mask, sampling, optims[n], args.new_tokens)
+                    roll_s, step_s, tokens = _opd_step(engines[n], n, students[n], teacher, tok, ids, mask, sampling, optims[n], args.new_tokens)
                     if tokens != args.rows * args.new_tokens:
                         raise RuntimeError(f"{n} sampled {tokens} tokens, not {args.rows * args.new_tokens}: the work differs")
                     if r >= args.warmup:
@@ -167,7 +167,7 @@ def main() -> None:
                   "| engine | total variation to the softmax law | expected for a correct sampler (≤) |", "|---|---:|---:|"]
         model = load_causal_lm("builtin:arith/student", trainable=False)
         for n in names:
-            tv, expected = law_gap(make_engine(n), model, tok, args.law_samples)
+            tv, expected = _law_gap(make_engine(n), model, tok, args.law_samples)
             lines.append(f"| {n} | {tv:.4f} | {expected:.4f} |")
     text = "\n".join(lines)
     print(text)

@@ -1,8 +1,8 @@
 """Rollouts under FSDP2: FSDP's per-forward gathers against gathering the weights once per rollout.
 
-    python benchmarks/sharded_rollout.py                          # 2 CPU processes (gloo), ~2 minutes on 2 cores
-    python benchmarks/sharded_rollout.py --rollouts 5 --out benchmarks/results/sharded_rollout_cpu.md
-    python benchmarks/sharded_rollout.py --accelerator gpu --processes 1 --pair random --student-size 1024 8 --teacher-size 2048 16
+    python -m benchmarks.sharded_rollout                          # 2 CPU processes (gloo), ~2 minutes on 2 cores
+    python -m benchmarks.sharded_rollout --rollouts 5 --out benchmarks/results/sharded_rollout_cpu.md
+    python -m benchmarks.sharded_rollout --accelerator gpu --processes 1 --pair random --student-size 1024 8 --teacher-size 2048 16
 
 Each process shards a student and a teacher with ``fully_shard`` (both FSDP2, per decoder layer
 and root, as `FSDP2Strategy` does; ``--replicate R``: HSDP, an ``R x N/R`` mesh) and makes
@@ -32,14 +32,10 @@ import json
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 METHODS = ("OPD", "fused splice", "two-pass splice")
 GATHERS = ("per_layer", "once")
@@ -192,7 +188,7 @@ def run(config: dict) -> dict:
         raise ValueError(f"--replicate {config['replicate']} does not divide --processes {world}")
     with tempfile.TemporaryDirectory() as tmp:
         if config["pair"] == "random":
-            from throughput import build_models
+            from benchmarks.throughput.harness import build_models
 
             config = {**config}
             config["student"], config["teacher"] = build_models(

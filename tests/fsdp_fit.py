@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
+from tests.helpers import ROOT, run_isolated
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.callbacks.sharding import TeacherSharding
 from trd_lightning.losses import reverse_kl
@@ -34,32 +32,16 @@ from trd_lightning.sharding import FSDP2Strategy, is_sharded
 from trd_lightning.tasks import ArithmeticTask
 
 
-ROOT = Path(__file__).resolve().parents[1]
-# Left behind by an earlier in-process distributed run; each launch must choose its own.
-DIST_VARS = ("LOCAL_RANK", "RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def launch(out, student, teacher, *options, world_size: int, accelerator: str = "cpu", timeout: float = 240) -> list[dict]:
     """Run this program (Lightning re-runs it per rank) in its own process group, so a hang is
     killed whole, every rank included; return each rank's record."""
-    import pytest
-
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "tests.fsdp_fit", str(out), str(student), str(teacher),
                "--accelerator", accelerator, "--devices", str(world_size), *options]
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"the {world_size}-process fit did not finish in {timeout} s:\n{err[-3000:]}")
-    assert proc.returncode == 0, err[-4000:]
+    run_isolated(command, ROOT, timeout, f"the {world_size}-process fit", tail=4000)
     return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
-class FirstStepCheck(Callback):
+class _FirstStepCheck(Callback):
     """Recomputes step 0's loss with unsharded copies of the initial models, on the same rollout."""
 
     def __init__(self, student: str, teacher: str):
@@ -114,7 +96,7 @@ def main() -> None:
     with torch.no_grad():
         probe_before = module.teacher(probe.to(module.teacher.device)).logits.float().cpu() if args.teacher_4bit else None
     student_before = {k: v.clone() for k, v in module.student.state_dict().items()}
-    check = FirstStepCheck(args.student, None if args.teacher_4bit else args.teacher)
+    check = _FirstStepCheck(args.student, None if args.teacher_4bit else args.teacher)
     trainer = Trainer(
         accelerator=args.accelerator, devices=args.devices,
         strategy=FSDP2Strategy(

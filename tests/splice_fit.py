@@ -14,35 +14,20 @@ timeout (Lightning re-launches it per rank), so a hang fails the test instead of
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
 
-ROOT = Path(__file__).resolve().parents[1]
-DIST_VARS = ("LOCAL_RANK", "RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+from tests.helpers import ROOT, run_isolated  # noqa: F401  (ROOT: imported from here by the scale tests)
+
 
 
 def launch_cli(cwd: Path, *configs: str, timeout: float = 420) -> str:
     """``trd fit`` with these configs (from this checkout), run in ``cwd``; returns its stderr."""
-    import pytest
-
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "trd_lightning.cli", "fit", *[a for c in configs for a in ("-c", str(c))]]
-    proc = subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"the multi-process fit did not finish in {timeout} s:\n{err[-3000:]}")
-    assert proc.returncode == 0, err[-5000:]
-    return err
+    return run_isolated(command, cwd, timeout, "the multi-process fit")
 
 
 def _full(t):

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from PIL import Image
 
-from tests.conftest import cpu_trainer, save_tiny
+from tests.helpers import cpu_trainer, save_tiny
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.audit import run_audit
 from trd_lightning.audit_report import PLOTS

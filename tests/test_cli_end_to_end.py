@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ARITH_TEST_KEYS, SMALL_ARITH_RUN
+from tests.helpers import ARITH_TEST_KEYS, SMALL_ARITH_RUN
 from trd_lightning.callbacks import PassAtKEvaluation
 from trd_lightning.cli import build_cli
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_checks import first_token_law_gap
+from tests.helpers import first_token_law_gap
 from trd_lightning.engines import HFContinuousEngine, HFEngine, make_engine
 from trd_lightning.engines.base import sampling_law
 from trd_lightning.module import DistillationModule

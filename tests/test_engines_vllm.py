@@ -12,8 +12,7 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
-from engine_checks import first_token_law_gap, hf_continuation_logprobs  # noqa: E402
-from tests.conftest import ARITH_TEST_KEYS, SMALL_ARITH_RUN  # noqa: E402
+from tests.helpers import ARITH_TEST_KEYS, SMALL_ARITH_RUN, first_token_law_gap, hf_continuation_logprobs  # noqa: E402
 from trd_lightning.engines import HFEngine, VLLMEngine  # noqa: E402
 from trd_lightning.module import DistillationModule  # noqa: E402
 from trd_lightning.rollout import Sampling, encode_prompts  # noqa: E402

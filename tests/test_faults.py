@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from tests.conftest import cpu_trainer
+from tests.helpers import cpu_trainer
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.checkpoint_io import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from trd_lightning.cli import build_cli, main
@@ -147,7 +147,7 @@ def _trd_fit(args: list[str], cwd: Path) -> subprocess.Popen:
 @pytest.mark.slow
 def test_sigterm_with_a_shipped_config_saves_a_checkpoint_and_exits_nonzero(tmp_path):
     marker = tmp_path / "at_step_2"
-    pause = {"class_path": "tests.resume_helpers.PauseForSignal", "init_args": {"step": 2, "marker": str(marker)}}
+    pause = {"class_path": "tests.helpers.PauseForSignal", "init_args": {"step": 2, "marker": str(marker)}}
     # `--trainer.callbacks+=` appends to the shipped list (which has no PreemptionCheckpoint)
     proc = _trd_fit(["-c", OPD, *SMALL, "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
                      f"--trainer.callbacks+={json.dumps(pause)}"], tmp_path)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule
 
-from tests.conftest import cpu_trainer
+from tests.helpers import cpu_trainer
 from trd_lightning import DistillationModule, Sampling
 from trd_lightning.baselines import SpliceFromStartReviser, TeacherSampleReviser
 from trd_lightning.callbacks import CollapseGuard, LearningCurve, PassAtKEvaluation

@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from tests.conftest import save_tiny
+from tests.helpers import save_tiny
 from tests.fsdp_fit import launch
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.models import load_causal_lm

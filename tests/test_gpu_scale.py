@@ -5,17 +5,14 @@ The same checks run on CPU processes in tests/test_splice_scale.py and tests/tes
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 import yaml
 
-from tests.splice_fit import ROOT, launch_cli
+from benchmarks import sharded_rollout
+from tests.helpers import ROOT
+from tests.splice_fit import launch_cli
 from tests.test_splice_scale import assert_single_process_rollouts, ranks
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import sharded_rollout  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CONFIGS = ROOT / "configs"

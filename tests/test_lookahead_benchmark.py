@@ -1,14 +1,10 @@
-"""benchmarks/lookahead.py counts what the decode did (no timings are asserted)."""
+"""benchmarks.lookahead counts what the decode did (no timings are asserted)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import lookahead
+from benchmarks import lookahead
 
 
 def test_lookahead_rows_report_teacher_forwards_and_kept_drafts(tmp_path, capsys):

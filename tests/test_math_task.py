@@ -9,8 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.chat_fixtures import CHAT_TEMPLATE, ROWS, build_chat_tokenizer, save_chat_model, save_chat_setup, write_jsonl
-from tests.conftest import cpu_trainer
+from tests.helpers import CHAT_TEMPLATE, ROWS, build_chat_tokenizer, cpu_trainer, save_chat_model, save_chat_setup, write_jsonl
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.callbacks import TrajectoryRevision
 from trd_lightning.models import check_compatible

@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from tests.conftest import cpu_trainer, save_tiny
+from tests.helpers import cpu_trainer, save_tiny
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.losses import reverse_kl
 from trd_lightning.rollout import build_context, response_logits

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch import Callback, seed_everything
 
-from tests.conftest import cpu_trainer
+from tests.helpers import cpu_trainer
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.callbacks import PassAtKEvaluation, TeacherSharding
 from trd_lightning.tasks import ArithmeticTask

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from tests.conftest import cpu_trainer, save_tiny
+from tests.helpers import cpu_trainer, save_tiny
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning import quantization
 from trd_lightning.models import load_causal_lm

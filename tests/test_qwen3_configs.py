@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.chat_fixtures import save_chat_setup
+from tests.helpers import save_chat_setup
 from trd_lightning.callbacks import PassAtKEvaluation, TrajectoryRevision
 from trd_lightning.cli import build_cli
 from trd_lightning.revision import RewriteReviser

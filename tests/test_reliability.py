@@ -18,7 +18,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from tests.conftest import cpu_trainer, save_tiny
+from tests.helpers import cpu_trainer, save_tiny
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.callbacks import PassAtKEvaluation
 from trd_lightning.cli import build_cli

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tests.conftest import cpu_trainer
+from tests.helpers import cpu_trainer
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.callbacks import PreemptionCheckpoint
 from trd_lightning.tasks import ArithmeticTask
@@ -193,7 +193,7 @@ def test_trd_fit_killed_by_sigterm_resumes_to_the_same_weights_and_metrics(tiny_
     # The uninterrupted run and the interrupted one go side by side (two cores).
     full = trd_fit(trd_config(tiny_paths, full_dir), full_dir / "config.yaml")
     marker = cut_dir / "at_step_3"
-    pause = {"class_path": "tests.resume_helpers.PauseForSignal", "init_args": {"step": 3, "marker": str(marker)}}
+    pause = {"class_path": "tests.helpers.PauseForSignal", "init_args": {"step": 3, "marker": str(marker)}}
     cut = trd_fit(trd_config(tiny_paths, cut_dir, [pause]), cut_dir / "config_pause.yaml")
     deadline = time.monotonic() + 180
     while not marker.exists() and cut.poll() is None and time.monotonic() < deadline:
@@ -254,7 +254,7 @@ def test_sigterm_under_two_process_ddp_saves_exits_on_both_ranks_and_resumes_exa
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     full_dir.mkdir(), cut_dir.mkdir()
     marker = cut_dir / "at_step_2"
-    pause = {"class_path": "tests.resume_helpers.PauseForSignal", "init_args": {"step": 2, "marker": str(marker)}}
+    pause = {"class_path": "tests.helpers.PauseForSignal", "init_args": {"step": 2, "marker": str(marker)}}
     cut = trd_fit(ddp(trd_config(tiny_paths, cut_dir, [pause])), cut_dir / "config_pause.yaml")
     deadline = time.monotonic() + 240
     while not marker.exists() and cut.poll() is None and time.monotonic() < deadline:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule
 
-from tests.conftest import cpu_trainer, save_tiny
+from tests.helpers import cpu_trainer, save_tiny
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.callbacks import TrajectoryRevision
 from trd_lightning.losses import forward_kl

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from tests.conftest import cpu_trainer
+from tests.helpers import cpu_trainer
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.cli import main
 from trd_lightning.progress import DistillationRichProgressBar, DistillationTQDMProgressBar

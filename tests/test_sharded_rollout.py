@@ -1,19 +1,18 @@
-"""Rollouts of FSDP2-sharded models on 2 CPU processes (gloo), through benchmarks/sharded_rollout.py:
+"""Rollouts of FSDP2-sharded models on 2 CPU processes (gloo), through benchmarks.sharded_rollout:
 per-forward gathers (rank-synchronised splice rounds, generate's synced_gpus) and gather-once give
 the tokens, t* and teacher logits of a single-process decode of the same rows and seed, and
 gather-once all-gathers each FSDP group exactly once per rollout. No times are asserted."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 from transformers import AutoConfig
 
+from benchmarks import sharded_rollout
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import sharded_rollout  # noqa: E402
 
 ASSETS = ROOT / "trd_lightning" / "assets" / "arith"
 

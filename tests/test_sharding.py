@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.conftest import cpu_trainer
+from tests.helpers import cpu_trainer
 from tests.fsdp_fit import launch
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.callbacks import PassAtKEvaluation, TeacherSharding

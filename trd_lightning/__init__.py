@@ -3,7 +3,6 @@
 from trd_lightning.data import PromptDataModule
 from trd_lightning.module import DistillationModule
 from trd_lightning.rollout import Rollout, Sampling
-from trd_lightning.sft import SFTDataModule, SFTModule
 
-__all__ = ["DistillationModule", "PromptDataModule", "Rollout", "Sampling", "SFTDataModule", "SFTModule"]
+__all__ = ["DistillationModule", "PromptDataModule", "Rollout", "Sampling"]
 __version__ = "0.1.0"

@@ -33,7 +33,7 @@ from trd_lightning.diagnostics import (
 from trd_lightning.revision import Reviser
 from trd_lightning.rollout import Context, Rollout, Sampling, build_context, decode_responses, left_pad
 
-ALIGN_ON = ("auto", "verifier", "t_star")
+_ALIGN_ON = ("auto", "verifier", "t_star")
 #: statistics in the summary table and the JSON (in this order)
 SUMMARY_STATS = (
     "onset_mass", "continue_mass", "bimodality", "teacher_entropy", "teacher_logprob",
@@ -135,7 +135,7 @@ def diagnose(module, rollout: Rollout, onset_ids, **kwargs) -> RolloutDiagnostic
     return RolloutDiagnostics(**{f.name: getattr(d, f.name).cpu() for f in fields(d)})
 
 
-def char_to_token_index(tokenizer, ids: Sequence[int], char_index: int) -> int:
+def _char_to_token_index(tokenizer, ids: Sequence[int], char_index: int) -> int:
     """The response token that holds character ``char_index`` of the decoded response.
 
     Counts the tokens that decode to non-empty text ending at or before ``char_index``; an index
@@ -149,7 +149,7 @@ def char_to_token_index(tokenizer, ids: Sequence[int], char_index: int) -> int:
     return sum(1 for s, e in zip(starts, ends) if e > s and e <= char_index)
 
 
-def verifier_first_errors(task, tokenizer, rollout: Rollout, texts: list[str]) -> torch.Tensor | None:
+def _verifier_first_errors(task, tokenizer, rollout: Rollout, texts: list[str]) -> torch.Tensor | None:
     """Per-row token index of the task's first error (``-1``: none); ``None`` if the task has no
     ``first_error_char`` hook."""
     hook = getattr(task, "first_error_char", None)
@@ -158,16 +158,16 @@ def verifier_first_errors(task, tokenizer, rollout: Rollout, texts: list[str]) -
     out = []
     for problem, text, ids, m in zip(rollout.problems, texts, rollout.response_ids, rollout.response_mask):
         c = hook(problem, text)
-        out.append(-1 if c is None else char_to_token_index(tokenizer, ids[m].tolist(), c))
+        out.append(-1 if c is None else _char_to_token_index(tokenizer, ids[m].tolist(), c))
     return torch.tensor(out, dtype=torch.long)
 
 
 def first_errors(task, tokenizer, rollout: Rollout, texts: list[str], d: RolloutDiagnostics, align_on: str) -> tuple[torch.Tensor, str]:
     """The first error of each row and where it came from (``verifier`` or ``t_star``)."""
-    if align_on not in ALIGN_ON:
-        raise ValueError(f"unknown align_on {align_on!r}; choose one of {ALIGN_ON}")
+    if align_on not in _ALIGN_ON:
+        raise ValueError(f"unknown align_on {align_on!r}; choose one of {_ALIGN_ON}")
     if align_on in ("auto", "verifier"):
-        found = verifier_first_errors(task, tokenizer, rollout, texts)
+        found = _verifier_first_errors(task, tokenizer, rollout, texts)
         if found is not None:
             return found, "verifier"
         if align_on == "verifier":
@@ -343,8 +343,8 @@ def run_audit(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
-    if align_on not in ALIGN_ON:
-        raise ValueError(f"unknown align_on {align_on!r}; choose one of {ALIGN_ON}")
+    if align_on not in _ALIGN_ON:
+        raise ValueError(f"unknown align_on {align_on!r}; choose one of {_ALIGN_ON}")
     tokenizer = module.tokenizer
     onsets = list(correction_onsets if correction_onsets is not None else task.correction_onsets)
     onset_ids = onset_token_ids(tokenizer, onsets)
@@ -443,7 +443,7 @@ class _Collected:
 # The report (tables, markdown, JSON files, plots) lives in `trd_lightning.audit_report`, which
 # imports this module's statistics; its public names stay importable from here (as before the split),
 # resolved on first use so that neither module imports the other at load time.
-_REPORT_NAMES = frozenset({"PLOTS", "format_summary", "json_safe", "render_markdown", "summary_rows", "write_report"})
+_REPORT_NAMES = frozenset({"PLOTS", "format_summary", "json_safe", "write_report"})
 
 
 def __getattr__(name: str):

@@ -14,13 +14,13 @@ import numpy as np  # noqa: E402
 def plot_all(out: Path, summary: dict, raw, revised, tokenizer) -> list[str]:
     """Write every plot into ``out``; returns the file names in report order."""
     names = [
-        mass_around_error(out / "mass_around_error.png", summary),
-        kl_by_position(out / "kl_by_position.png", summary),
-        t_star_distribution(out / "t_star.png", summary, raw),
-        worked_example(out / "worked_example.png", raw, tokenizer),
+        _mass_around_error(out / "mass_around_error.png", summary),
+        _kl_by_position(out / "kl_by_position.png", summary),
+        _t_star_distribution(out / "t_star.png", summary, raw),
+        _worked_example(out / "worked_example.png", raw, tokenizer),
     ]
     if revised is not None:
-        names.append(raw_vs_revised(out / "raw_vs_revised.png", summary))
+        names.append(_raw_vs_revised(out / "raw_vs_revised.png", summary))
     return [n for n in names if n]
 
 
@@ -34,7 +34,7 @@ def _nan(xs) -> np.ndarray:
     return np.array([math.nan if x is None else x for x in xs], dtype=float)
 
 
-def mass_around_error(path: Path, summary: dict) -> str:
+def _mass_around_error(path: Path, summary: dict) -> str:
     al = summary["aligned"]
     x = np.array(al["offsets"])
     fig = Figure(figsize=(7, 4))
@@ -55,7 +55,7 @@ def mass_around_error(path: Path, summary: dict) -> str:
     return _save(fig, path)
 
 
-def kl_by_position(path: Path, summary: dict) -> str:
+def _kl_by_position(path: Path, summary: dict) -> str:
     kl, al = summary["kl_by_position"], summary["aligned"]
     fig = Figure(figsize=(10, 3.8))
     a, b = fig.subplots(1, 2)
@@ -76,7 +76,7 @@ def kl_by_position(path: Path, summary: dict) -> str:
     return _save(fig, path)
 
 
-def t_star_distribution(path: Path, summary: dict, raw) -> str:
+def _t_star_distribution(path: Path, summary: dict, raw) -> str:
     t = np.array(summary["t_star"]["values"])
     fe = raw.first_error.numpy()
     fig = Figure(figsize=(7, 3.8))
@@ -93,7 +93,7 @@ def t_star_distribution(path: Path, summary: dict, raw) -> str:
     return _save(fig, path)
 
 
-def pick_example(raw) -> int | None:
+def _pick_example(raw) -> int | None:
     """A failed rollout whose first error has a next position (where the split shows)."""
     lengths = raw.d.mask.sum(1)
     for b in range(len(raw.first_error)):
@@ -105,8 +105,8 @@ def pick_example(raw) -> int | None:
     return None
 
 
-def worked_example(path: Path, raw, tokenizer, before: int = 6, after: int = 9) -> str:
-    b = pick_example(raw)
+def _worked_example(path: Path, raw, tokenizer, before: int = 6, after: int = 9) -> str:
+    b = _pick_example(raw)
     fig = Figure(figsize=(11, 3.6))
     ax = fig.subplots()
     if b is None:
@@ -137,7 +137,7 @@ def worked_example(path: Path, raw, tokenizer, before: int = 6, after: int = 9) 
     return _save(fig, path)
 
 
-def raw_vs_revised(path: Path, summary: dict) -> str:
+def _raw_vs_revised(path: Path, summary: dict) -> str:
     rev = summary["revised"]
     groups = ["all positions", "after first error"]
     raw_vals = [summary["mean"]["onset_mass"], summary["after_error"]["onset_mass"]]

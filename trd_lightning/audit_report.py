@@ -29,7 +29,7 @@ def _fmt(x) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-def summary_rows(summary: dict) -> list[list[str]]:
+def _summary_rows(summary: dict) -> list[list[str]]:
     header = ["statistic", f"after first error (+{AFTER_ERROR})", "elsewhere", "correct rollouts", "all positions"]
     rows = [header]
     for name in SUMMARY_STATS:
@@ -42,7 +42,7 @@ def summary_rows(summary: dict) -> list[list[str]]:
 
 
 def format_summary(summary: dict) -> str:
-    rows = summary_rows(summary)
+    rows = _summary_rows(summary)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -84,11 +84,11 @@ def write_report(out: Path, summary: dict, raw: AuditResult, revised: AuditResul
         from trd_lightning import audit_plots
 
         images = audit_plots.plot_all(out, summary, raw, revised, tokenizer)
-    (out / "report.md").write_text(render_markdown(summary, images, raw))
+    (out / "report.md").write_text(_render_markdown(summary, images, raw))
 
 
-def render_markdown(summary: dict, images: list[str], raw: AuditResult) -> str:
-    rows = summary_rows(summary)
+def _render_markdown(summary: dict, images: list[str], raw: AuditResult) -> str:
+    rows = _summary_rows(summary)
     table = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])] + ["| " + " | ".join(r) + " |" for r in rows[1:]]
     al = summary["aligned"]
     aligned = ["| offset | rows | " + " | ".join(_LABELS[n] for n in ("onset_mass", "continue_mass", "bimodality", "teacher_entropy")) + " |", "|---" * 6 + "|"]

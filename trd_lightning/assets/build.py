@@ -1,5 +1,11 @@
-"""Supervised fine-tuning inside the framework: how the embedded task's tiny teacher and initial
-student are made (`configs/arith/teacher_sft.yaml`, `configs/arith/student_sft.yaml`).
+"""The maintainer tool that builds the shipped assets: supervised fine-tuning inside the framework,
+how the embedded task's tiny teacher and initial student in ``trd_lightning/assets/arith`` are made.
+Rebuild them (this overwrites the shipped weights) with::
+
+    trd fit -c configs/arith/teacher_sft.yaml   # writes trd_lightning/assets/arith/teacher
+    trd fit -c configs/arith/student_sft.yaml   # writes trd_lightning/assets/arith/student
+
+Not part of the package's top-level names: distillation users load the assets, they do not build them.
 
 The loss is on response tokens only: with the loss on random prompt digits a tiny model stays near
 chance, with it on the answer only it learns the task in minutes (measured on this machine).
@@ -133,7 +139,7 @@ class SFTModule(LightningModule):
             self._export(Path(self.export_dir))
 
 
-class SFTDataset(Dataset):
+class _SFTDataset(Dataset):
     """Deterministic virtual stream of examples: item i depends only on ``(seed, i)``."""
 
     def __init__(self, task, tokenizer, mixture: dict[str, float], size: int, seed: int, error_prob: float):
@@ -194,7 +200,7 @@ class SFTDataModule(LightningDataModule):
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     def train_dataloader(self):
-        ds = SFTDataset(self.task, self.tokenizer, self.mixture, self.steps * self.batch_size, self.seed, self.error_prob)
+        ds = _SFTDataset(self.task, self.tokenizer, self.mixture, self.steps * self.batch_size, self.seed, self.error_prob)
         return DataLoader(ds, batch_size=self.batch_size, collate_fn=self._collate, shuffle=False)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
