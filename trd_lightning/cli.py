@@ -33,6 +33,7 @@ from trd_lightning.callbacks.predictions import PredictionWriter
 from trd_lightning.callbacks.preemption import PreemptionCheckpoint
 from trd_lightning.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
 from trd_lightning.cli_errors import SuggestingArgumentParser, check_config_files, unwrap_union_error
+from trd_lightning.compose import expand_bases
 from trd_lightning.export import export_student
 from trd_lightning.progress import default_progress_bar
 
@@ -228,6 +229,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TRDCli:
         args = nested_nulls_as_objects(list(args))
     with _before_compute():
         check_config_files(sys.argv[1:] if args is None else [a for a in args if isinstance(a, str)])
+        # A config file's `_base_:` files become LightningCLI's own multiple -c (trd_lightning.compose).
+        if args is None:
+            sys.argv[1:] = expand_bases(sys.argv[1:])
+        else:
+            args = expand_bases(args)
     # auto_configure_optimizers would hand the teacher's parameters to the optimizer too: modules
     # take an `optimizer` callable instead and build it from the student's parameters.
     return TRDCli(
