@@ -11,8 +11,8 @@ full, composed one.
 
 Rules: ``_base_`` is a path or a list of paths, relative to the file that names them, read in
 order before the file itself (recursively: a base may name its own bases). A file is read once
-per command: a base already read (given with ``-c`` or named by another file) is not read again,
-so a fragment's ``callbacks+:`` never appends twice. A missing base, a cycle, or a delta file
+per command: one already read (given with ``-c`` or named as a base) is not read again, which is
+logged, so a fragment's ``callbacks+:`` never appends twice. A missing base, a cycle, or a delta file
 given without any base is refused before compute, naming the file and the fix.
 
 Why hand-written: jsonargparse 4.53 does apply a ``config: base.yaml`` key inside a config file,
@@ -28,6 +28,7 @@ import json
 from pathlib import Path
 
 import yaml
+from lightning.pytorch.utilities import rank_zero_info
 
 BASE_KEY = "_base_"
 _CONFIG_FLAGS = ("-c", "--config")
@@ -75,9 +76,12 @@ def _expand(name: str, named_by: Path | None, seen: set[Path], classes: set[str]
                 f"config file {str(named_by)!r} names {name!r} under `{BASE_KEY}:`, but {str(path)!r} is not a file; "
                 f"fix the path (it is relative to {str(named_by.parent)!r})"
             )
-        if resolved in seen:
-            return []  # read already (a diamond, or given with -c too): a second read would append twice
         check(["-c", str(path)])  # the strict YAML checks the user's own -c files get
+    if resolved in seen:
+        # Read already (a diamond of bases, or given with -c and named as a base): a second read
+        # would append its `callbacks+:` twice.
+        rank_zero_info(f"config file {str(path)!r} is read once: it was read already in this command")
+        return []
     seen.add(resolved)
     data = _read(path) if path.is_file() else None
     if not isinstance(data, dict):
