@@ -8,6 +8,7 @@ the top-level ``callbacks/`` with each base config, the ``_base_`` rules, and ``
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from pathlib import Path
 
@@ -41,13 +42,18 @@ def fragments():
     return sorted(FRAGMENTS.glob("*.yaml"))
 
 
-def resolved(*args: str) -> dict:
-    """``trd fit ARGS --print_config``, parsed."""
+@functools.lru_cache(maxsize=None)
+def _printed(args: tuple[str, ...]) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
         build_cli(["fit", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
-    return yaml.safe_load(out.getvalue())
+    return out.getvalue()
+
+
+def resolved(*args: str) -> dict:
+    """``trd fit ARGS --print_config``, parsed (each command parsed once per session: a fresh dict)."""
+    return yaml.safe_load(_printed(args))
 
 
 def c(*files: Path) -> list[str]:
