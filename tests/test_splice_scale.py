@@ -124,9 +124,10 @@ def test_hsdp_two_pass_splice_fit_saves_and_resumes_on_4_processes(tmp_path):
 
 
 def _splice_callbacks(fused: bool) -> list:
-    """trd_splice.yaml's callbacks with the reviser's ``fused`` set."""
-    config = yaml.safe_load((CONFIGS / "arith" / "trd_splice.yaml").read_text())
-    callbacks = config["trainer"]["callbacks"]
+    """trd_splice.yaml's callbacks (its base's, then its reviser fragment's) with the reviser's ``fused`` set."""
+    base = yaml.safe_load((CONFIGS / "arith" / "base.yaml").read_text())
+    fragment = yaml.safe_load((ROOT / "callbacks" / "trd_splice.yaml").read_text())
+    callbacks = base["trainer"]["callbacks"] + fragment["trainer"]["callbacks+"]
     for c in callbacks:
         if c["class_path"].endswith("TrajectoryRevision"):
             c["init_args"]["reviser"]["init_args"]["fused"] = fused

@@ -33,14 +33,18 @@ from trd_lightning.callbacks.predictions import PredictionWriter
 from trd_lightning.callbacks.preemption import PreemptionCheckpoint
 from trd_lightning.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
 from trd_lightning.cli_errors import SuggestingArgumentParser, check_config_files, unwrap_union_error
+from trd_lightning.compose import expand_bases
 from trd_lightning.export import export_student
 from trd_lightning.progress import default_progress_bar
 
 
 class TRDTrainer(Trainer):
-    """Lightning's Trainer plus ``audit``. LightningCLI subcommands are Trainer methods (it reads
-    their signatures for the subcommand's arguments and calls ``trainer.<subcommand>``), so this is
-    how ``trd audit`` gets the same config, ``--print_config`` and ``--ckpt_path`` as ``trd test``."""
+    """Trainer: Lightning's Trainer options (devices, precision, steps, logger, callbacks, plugins).
+
+    Lightning's Trainer plus ``audit`` and ``export``. LightningCLI subcommands are Trainer methods
+    (it reads their signatures for the subcommand's arguments and calls ``trainer.<subcommand>``), so
+    this is how ``trd audit`` gets the same config, ``--print_config`` and ``--ckpt_path`` as
+    ``trd test``. (The first line is the title of ``trd fit --help``'s trainer group.)"""
 
     def audit(
         self,
@@ -104,6 +108,7 @@ class TRDCli(LightningCLI):
             help="after `fit`, evaluate the final weights on the test split (Pass@k callbacks log test/*)",
         )
         _instantiate_data_before_model(parser)
+        _title_groups(parser)
 
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit"):
@@ -184,6 +189,31 @@ def _instantiate_data_before_model(parser) -> None:
         actions.insert(model, actions.pop(data))
 
 
+#: ``--help`` group titles for the subclass-mode keys: jsonargparse titles a group with its base
+#: class's docstring, which for LightningModule is none (the title read
+#: ``<class 'lightning.pytorch.core.module.LightningModule'>``) and for LightningDataModule
+#: Lightning's developer docstring cut mid-sentence.
+_GROUP_TITLES = {
+    "model": "Model: the LightningModule to train (its arguments: --model.help CLASS_PATH)",
+    "data": "Data: the LightningDataModule that serves the problems (its arguments: --data.help CLASS_PATH)",
+}
+_CONFIG_HELP = (
+    "A YAML (or JSON) config file. Repeat -c to layer files: each later file overrides the earlier "
+    "ones and `trainer.callbacks+:` appends callbacks (e.g. -c configs/arith/opd.yaml -c "
+    "callbacks/prefix_audit.yaml). A file's `_base_:` names the files it is written on top of."
+)
+
+
+def _title_groups(parser) -> None:
+    for key, title in _GROUP_TITLES.items():
+        group = getattr(parser, "groups", {}).get(key)
+        if group is not None:
+            group.title, group.description = title, None
+    for action in parser._actions:
+        if action.dest == "config":
+            action.help = _CONFIG_HELP
+
+
 _NULLS = ("null", "Null", "NULL", "~")
 
 
@@ -228,6 +258,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TRDCli:
         args = nested_nulls_as_objects(list(args))
     with _before_compute():
         check_config_files(sys.argv[1:] if args is None else [a for a in args if isinstance(a, str)])
+        # A config file's `_base_:` files become LightningCLI's own multiple -c (trd_lightning.compose).
+        if args is None:
+            sys.argv[1:] = expand_bases(sys.argv[1:])
+        else:
+            args = expand_bases(args)
     # auto_configure_optimizers would hand the teacher's parameters to the optimizer too: modules
     # take an `optimizer` callable instead and build it from the student's parameters.
     return TRDCli(

@@ -101,6 +101,13 @@ class ProblemSet(Sequence):
 
     The training split is virtual (large, generated lazily, duplicates possible); evaluation splits
     are materialised once and de-duplicated so every problem counts once in Pass@k.
+
+    Args:
+        split: ``train``, ``val`` or ``test``.
+        size: number of problems.
+        seed: seed of the generator (problem ``i`` is drawn from ``(seed, split, i)``).
+        min_steps / max_steps: range of the number of operations.
+        unique: de-duplicate (evaluation splits) instead of generating lazily (training).
     """
 
     def __init__(self, split: str, size: int, seed: int, min_steps: int, max_steps: int, unique: bool):
@@ -152,7 +159,18 @@ def parse_steps(attempt: str) -> list[tuple[int, str, int, int] | None]:
 
 
 class ArithmeticTask:
-    """The embedded default `Task` (see the module docstring for the format)."""
+    """The embedded default `Task`: mod-10 arithmetic chains (see the module docstring for the format).
+
+    Args:
+        min_steps: fewest operations in a problem (>= 1).
+        max_steps: most operations in a problem (>= ``min_steps``).
+        train_size: problems in the (virtual, lazily generated) training split.
+        val_size: distinct validation problems (0: none).
+        test_size: distinct test problems (0: none).
+        seed: seed of the problem generator (a problem's split is a hash of its expression, so
+            the splits stay disjoint for every seed).
+        max_attempt_chars: longest attempt kept in a refinement context (the rest is cut).
+    """
 
     correction_onsets = (CORRECTION,)
 
