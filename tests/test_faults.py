@@ -249,10 +249,34 @@ def test_test_refuses_a_student_with_other_weights(fitted, capsys, monkeypatch, 
     assert "the student weights would not fit the model; differing keys: model.init_args.student:" in err
 
 
-def test_ckpt_path_last_without_a_checkpoint_is_refused(tmp_path, capsys, monkeypatch, no_model_loads):
+@pytest.mark.parametrize("name", ["last", "best"])
+def test_ckpt_path_last_without_a_checkpoint_is_refused(name, tmp_path, capsys, monkeypatch, no_model_loads):
     monkeypatch.chdir(tmp_path)
-    err = cli_error(["test", "-c", OPD, *SMALL, "--ckpt_path=last"], capsys, monkeypatch)
-    assert err.startswith("error: FileNotFoundError: --ckpt_path last: no last checkpoint is known to this run")
+    (tmp_path / "runs" / "opd" / "version_0" / "checkpoints").mkdir(parents=True)  # a run that saved nothing
+    err = cli_error(["test", "-c", OPD, *SMALL, f"--ckpt_path={name}"], capsys, monkeypatch)
+    assert err.startswith(f"error: FileNotFoundError: --ckpt_path {name}: no {name} checkpoint under runs/opd/version_0/checkpoints"), err
+    assert "--ckpt_path runs/opd/version_<N>/checkpoints/last.ckpt" in err
+
+
+def test_ckpt_path_last_and_best_resolve_to_the_newest_run_folder(fitted, tmp_path, monkeypatch, caplog):
+    """Every run has its own version_N folder, where Lightning's own ``last`` looks (so it finds
+    nothing and tests the initial weights): ``trd`` picks the newest run's checkpoint, by mtime."""
+    root, student, _ = fitted
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(root / "runs" / "opd" / "version_0", tmp_path / "runs" / "opd" / "version_0")
+    older = tmp_path / "runs" / "opd" / "version_7" / "checkpoints"  # a higher number, written earlier
+    shutil.copytree(tmp_path / "runs" / "opd" / "version_0" / "checkpoints", older)
+    for f in older.iterdir():
+        os.utime(f, (1, 1))
+    newest = Path("runs/opd/version_0/checkpoints/last.ckpt")
+    with caplog.at_level("INFO"):
+        cli = build_cli(["test", "-c", OPD, *SMALL, f"--model.init_args.student={student}", "--ckpt_path=last"])
+    assert cli.trainer.ckpt_path == str(newest)
+    assert f"--ckpt_path last: using {newest} (the newest run's last checkpoint)" in caplog.text
+    best = build_cli(["test", "-c", OPD, *SMALL, f"--model.init_args.student={student}", "--ckpt_path=best"])
+    recorded = torch.load(newest, weights_only=False)["callbacks"]
+    (state,) = [v for k, v in recorded.items() if k.startswith("ModelCheckpoint")]
+    assert best.trainer.ckpt_path == state["best_model_path"] and Path(best.trainer.ckpt_path).exists()
 
 
 # --- bad inputs before any model loads ---------------------------------------------------------
