@@ -456,3 +456,19 @@ def test_diverged_weights_are_named_at_the_next_sampling(tiny_paths, task):
         module.student.get_output_embeddings().weight.fill_(float("inf"))  # what lr 1000 leaves behind
     with pytest.raises(FloatingPointError, match=r"the student's next-token probabilities are not finite \(\d+ weight tensors hold inf/NaN.*lower the lr or set trainer.gradient_clip_val"):
         module.make_rollout(list(task.problems("test"))[:2])
+
+
+@pytest.mark.parametrize("rollout", ["make_rollout", "sample"])
+def test_diverged_weights_are_named_before_a_greedy_rollout(tiny_paths, task, rollout):
+    """Greedy decoding takes the argmax of NaN logits without failing: garbage tokens, silently."""
+    module = DistillationModule(student=tiny_paths["student"], teacher=tiny_paths["teacher"], task=task,
+                                sampling=Sampling(max_new_tokens=4, temperature=0.0))
+    problems = list(task.problems("test"))[:2]
+    module.make_rollout(problems)  # finite weights: no error
+    with torch.no_grad():
+        module.student.get_output_embeddings().weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"the student's next-token probabilities are not finite \(\d+ weight tensors hold inf/NaN.*lower the lr or set trainer.gradient_clip_val"):
+        if rollout == "make_rollout":
+            module.make_rollout(problems)
+        else:
+            module.sample([task.student_prompt(p) for p in problems])
