@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from tests.chat_fixtures import save_chat_setup
 from tests.conftest import cpu_trainer
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.checkpoint_io import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
@@ -340,7 +341,9 @@ def test_cli_null_two_class_levels_down_stays_null(tmp_path):
         "class_path": "trd_lightning.tasks.MathTask",
         "init_args": {"train_file": str(data), "val_file": str(data), "system_prompt": "be brief", "max_problems": 3}}}}}
     (tmp_path / "math.yaml").write_text(json.dumps(math))
+    chat = save_chat_setup(tmp_path)  # the arithmetic models cannot read math prompts (refused)
     cli = build_cli(["-c", OPD, "-c", str(tmp_path / "math.yaml"), "--trainer.logger=false",
+                     f"--model.init_args.student={chat['student']}", f"--model.init_args.teacher={chat['teacher']}",
                      "--data.init_args.task.init_args.system_prompt", "null",
                      "--data.init_args.task.init_args.max_problems=null"], run=False)
     task = cli.datamodule.task
@@ -472,3 +475,19 @@ def test_diverged_weights_are_named_before_a_greedy_rollout(tiny_paths, task, ro
             module.make_rollout(problems)
         else:
             module.sample([task.student_prompt(p) for p in problems])
+
+
+def test_a_math_task_with_the_arithmetic_tokenizer_is_refused_before_the_models_load(tmp_path, capsys, monkeypatch, no_model_loads):
+    """The arithmetic vocabulary maps every word of a math prompt to <unk>: a run would train and
+    score on unknown tokens without any error."""
+    data = tmp_path / "m.jsonl"
+    data.write_text(_rows(ROW))
+    math = {"data": {"init_args": {"task": {"class_path": "trd_lightning.tasks.MathTask",
+                                             "init_args": {"train_file": str(data), "val_file": str(data)}}}}}
+    (tmp_path / "math.yaml").write_text(json.dumps(math))
+    monkeypatch.chdir(tmp_path)
+    small = [a for a in SMALL if ".task." not in a]
+    err = cli_error(["fit", "-c", OPD, "-c", str(tmp_path / "math.yaml"), *small], capsys, monkeypatch)
+    first = err.splitlines()[0]
+    assert first.startswith("error: ValueError: model.init_args.student: its tokenizer cannot read the math task's train prompts: "), err
+    assert "are the unknown token '<unk>'" in first and "the arithmetic task's" in first and "configs/qwen3/" in first

@@ -369,6 +369,21 @@ def check_data(cfg, subcommand: str | None) -> None:
         wanted.append("test")
     for split in wanted:
         problems(split)
+    _check_tokenizers_read_the_task(d, getattr(datamodule, "task", None), wanted)
+
+
+def _check_tokenizers_read_the_task(d: dict, task, splits: list[str]) -> None:
+    """A task that can tell (``check_tokenizer_reads``: the math task) refuses a student or teacher
+    whose tokenizer cannot read its prompts, e.g. the arithmetic one; only tokenizers load here."""
+    check = getattr(task, "check_tokenizer_reads", None)
+    args = ((d.get("model") or {}).get("init_args")) or {}
+    if check is None or not splits:
+        return
+    from trd_lightning.models import load_tokenizer
+
+    for role in ("student", "teacher"):
+        if isinstance(args.get(role), str) and (role == "student" or args.get("mode", "opd") == "opd"):
+            check(load_tokenizer(args[role], role), splits[0], role)
 
 
 # --- run folders -------------------------------------------------------------------------------
