@@ -206,16 +206,17 @@ class DistillationModule(LightningModule):
         limit = None if role == "refiner" else self.max_prompt_length
         ids, mask = encode_prompts(self.tokenizer, prompts, self.device, limit)
         check_finite_before_greedy(self.model_for(role), sampling or self.sampling, self.global_step, role)
-        return self.engine.generate(
-            self.model_for(role),
-            self.tokenizer,
-            ids,
-            mask,
-            sampling or self.sampling,
-            num_return_sequences=num_return_sequences,
-            synced_gpus=self._synced_gpus(),
-            stop_ids=self.stop_ids,
-        )
+        with rollout_weights(self, (role,)) as local:  # FSDP2: gather once, if the strategy says so
+            return self.engine.generate(
+                self.model_for(role),
+                self.tokenizer,
+                ids,
+                mask,
+                sampling or self.sampling,
+                num_return_sequences=num_return_sequences,
+                synced_gpus=self._synced_gpus() and not local,
+                stop_ids=self.stop_ids,
+            )
 
     def score(self, context: Context, *, role: str) -> torch.Tensor:
         if role == "student":
