@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from tests.helpers import cpu_trainer
+from tests.helpers import cpu_trainer, save_chat_setup
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.checkpoint_io import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from trd_lightning.cli import build_cli, main
@@ -249,10 +249,34 @@ def test_test_refuses_a_student_with_other_weights(fitted, capsys, monkeypatch, 
     assert "the student weights would not fit the model; differing keys: model.init_args.student:" in err
 
 
-def test_ckpt_path_last_without_a_checkpoint_is_refused(tmp_path, capsys, monkeypatch, no_model_loads):
+@pytest.mark.parametrize("name", ["last", "best"])
+def test_ckpt_path_last_without_a_checkpoint_is_refused(name, tmp_path, capsys, monkeypatch, no_model_loads):
     monkeypatch.chdir(tmp_path)
-    err = cli_error(["test", "-c", OPD, *SMALL, "--ckpt_path=last"], capsys, monkeypatch)
-    assert err.startswith("error: FileNotFoundError: --ckpt_path last: no last checkpoint is known to this run")
+    (tmp_path / "runs" / "opd" / "version_0" / "checkpoints").mkdir(parents=True)  # a run that saved nothing
+    err = cli_error(["test", "-c", OPD, *SMALL, f"--ckpt_path={name}"], capsys, monkeypatch)
+    assert err.startswith(f"error: FileNotFoundError: --ckpt_path {name}: no {name} checkpoint under runs/opd/version_0/checkpoints"), err
+    assert "--ckpt_path runs/opd/version_<N>/checkpoints/last.ckpt" in err
+
+
+def test_ckpt_path_last_and_best_resolve_to_the_newest_run_folder(fitted, tmp_path, monkeypatch, caplog):
+    """Every run has its own version_N folder, where Lightning's own ``last`` looks (so it finds
+    nothing and tests the initial weights): ``trd`` picks the newest run's checkpoint, by mtime."""
+    root, student, _ = fitted
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(root / "runs" / "opd" / "version_0", tmp_path / "runs" / "opd" / "version_0")
+    older = tmp_path / "runs" / "opd" / "version_7" / "checkpoints"  # a higher number, written earlier
+    shutil.copytree(tmp_path / "runs" / "opd" / "version_0" / "checkpoints", older)
+    for f in older.iterdir():
+        os.utime(f, (1, 1))
+    newest = Path("runs/opd/version_0/checkpoints/last.ckpt")
+    with caplog.at_level("INFO"):
+        cli = build_cli(["test", "-c", OPD, *SMALL, f"--model.init_args.student={student}", "--ckpt_path=last"])
+    assert cli.trainer.ckpt_path == str(newest)
+    assert f"--ckpt_path last: using {newest} (the newest run's last checkpoint)" in caplog.text
+    best = build_cli(["test", "-c", OPD, *SMALL, f"--model.init_args.student={student}", "--ckpt_path=best"])
+    recorded = torch.load(newest, weights_only=False)["callbacks"]
+    (state,) = [v for k, v in recorded.items() if k.startswith("ModelCheckpoint")]
+    assert best.trainer.ckpt_path == state["best_model_path"] and Path(best.trainer.ckpt_path).exists()
 
 
 # --- bad inputs before any model loads ---------------------------------------------------------
@@ -316,7 +340,9 @@ def test_cli_null_two_class_levels_down_stays_null(tmp_path):
         "class_path": "trd_lightning.tasks.MathTask",
         "init_args": {"train_file": str(data), "val_file": str(data), "system_prompt": "be brief", "max_problems": 3}}}}}
     (tmp_path / "math.yaml").write_text(json.dumps(math))
+    chat = save_chat_setup(tmp_path)  # the arithmetic models cannot read math prompts (refused)
     cli = build_cli(["-c", OPD, "-c", str(tmp_path / "math.yaml"), "--trainer.logger=false",
+                     f"--model.init_args.student={chat['student']}", f"--model.init_args.teacher={chat['teacher']}",
                      "--data.init_args.task.init_args.system_prompt", "null",
                      "--data.init_args.task.init_args.max_problems=null"], run=False)
     task = cli.datamodule.task
@@ -432,3 +458,35 @@ def test_diverged_weights_are_named_at_the_next_sampling(tiny_paths, task):
         module.student.get_output_embeddings().weight.fill_(float("inf"))  # what lr 1000 leaves behind
     with pytest.raises(FloatingPointError, match=r"the student's next-token probabilities are not finite \(\d+ weight tensors hold inf/NaN.*lower the lr or set trainer.gradient_clip_val"):
         module.make_rollout(list(task.problems("test"))[:2])
+
+
+@pytest.mark.parametrize("rollout", ["make_rollout", "sample"])
+def test_diverged_weights_are_named_before_a_greedy_rollout(tiny_paths, task, rollout):
+    """Greedy decoding takes the argmax of NaN logits without failing: garbage tokens, silently."""
+    module = DistillationModule(student=tiny_paths["student"], teacher=tiny_paths["teacher"], task=task,
+                                sampling=Sampling(max_new_tokens=4, temperature=0.0))
+    problems = list(task.problems("test"))[:2]
+    module.make_rollout(problems)  # finite weights: no error
+    with torch.no_grad():
+        module.student.get_output_embeddings().weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"the student's next-token probabilities are not finite \(\d+ weight tensors hold inf/NaN.*lower the lr or set trainer.gradient_clip_val"):
+        if rollout == "make_rollout":
+            module.make_rollout(problems)
+        else:
+            module.sample([task.student_prompt(p) for p in problems])
+
+
+def test_a_math_task_with_the_arithmetic_tokenizer_is_refused_before_the_models_load(tmp_path, capsys, monkeypatch, no_model_loads):
+    """The arithmetic vocabulary maps every word of a math prompt to <unk>: a run would train and
+    score on unknown tokens without any error."""
+    data = tmp_path / "m.jsonl"
+    data.write_text(_rows(ROW))
+    math = {"data": {"init_args": {"task": {"class_path": "trd_lightning.tasks.MathTask",
+                                             "init_args": {"train_file": str(data), "val_file": str(data)}}}}}
+    (tmp_path / "math.yaml").write_text(json.dumps(math))
+    monkeypatch.chdir(tmp_path)
+    small = [a for a in SMALL if ".task." not in a]
+    err = cli_error(["fit", "-c", OPD, "-c", str(tmp_path / "math.yaml"), *small], capsys, monkeypatch)
+    first = err.splitlines()[0]
+    assert first.startswith("error: ValueError: model.init_args.student: its tokenizer cannot read the math task's train prompts: "), err
+    assert "are the unknown token '<unk>'" in first and "the arithmetic task's" in first and "configs/qwen3/" in first

@@ -59,7 +59,7 @@ class SigtermAt(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run(tiny_paths, root: Path, record: Record, callbacks=(), ckpt_path=None, limit_val_batches=1):
+def run(tiny_paths, root: Path, record: Record, callbacks=(), ckpt_path=None, limit_val_batches=1, **trainer_kwargs):
     """A fit of MAX_STEPS from the same seed (``record`` is filled even if the run is interrupted)."""
     seed_everything(0)
     task = ArithmeticTask(**{**TASK, "val_size": 4 * limit_val_batches})
@@ -71,7 +71,7 @@ def run(tiny_paths, root: Path, record: Record, callbacks=(), ckpt_path=None, li
     trainer = cpu_trainer(
         max_steps=MAX_STEPS, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=limit_val_batches,
         default_root_dir=root, callbacks=[record, PreemptionCheckpoint(), *callbacks],
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), **trainer_kwargs,
     )
     trainer.fit(module, PromptDataModule(task, batch_size=4), ckpt_path=ckpt_path)
     return module, trainer
@@ -316,3 +316,35 @@ def test_sigterm_during_validation_resumes_exactly(tiny_paths, tmp_path):
     assert {**first.train, **second.train} == reference.train
     assert {**first.val, **second.val} == reference.val  # the interrupted validation is redone in full
     assert_same_tensors(module.student.state_dict(), full.student.state_dict())
+
+
+def csv_rows(log_dir: Path) -> dict[tuple[int, str], float]:
+    """Every deterministic train/* and val/* value of one CSVLogger folder as ``(step, name) -> value``."""
+    with open(log_dir / "metrics.csv") as f:
+        return {
+            (int(row["step"]), name): float(value)
+            for row in csv.DictReader(f)
+            for name, value in row.items()
+            if name.startswith(("train/", "val/")) and value != "" and not name.endswith(("_per_s", "seconds", "overhead"))
+        }
+
+
+def test_resumed_metrics_are_logged_at_the_steps_of_the_uninterrupted_run(tiny_paths, tmp_path):
+    """Issue 13 item 6: "resumed metrics are logged at step + 1". Not reproduced (Lightning 2.6):
+    a run resumed from an `every_n_train_steps` checkpoint logs each train/* and val/* value at the same
+    `step` as the uninterrupted run, with the same value; this pins it."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    every = ModelCheckpoint(dirpath=tmp_path / "every", every_n_train_steps=2, save_top_k=-1)
+    full = CSVLogger(tmp_path / "logs", name="full")
+    run(tiny_paths, tmp_path / "full", Record(), callbacks=[every], logger=full, log_every_n_steps=1)
+    resumed = CSVLogger(tmp_path / "logs", name="resumed")
+    run(tiny_paths, tmp_path / "resumed", Record(), ckpt_path=tmp_path / "every" / "epoch=0-step=2.ckpt",
+        logger=resumed, log_every_n_steps=1)
+    before, after = csv_rows(Path(full.log_dir)), csv_rows(Path(resumed.log_dir))
+    # CSV `step` is the 0-based index of the logging step; the checkpoint's own step-2 validation
+    # runs after the save and is not repeated by the resumed run (the resume is still exact)
+    expected = {k: v for k, v in before.items() if k[0] >= 2 and not (k[0] == 2 and k[1].startswith("val/"))}
+    assert {k[0] for k in after} == {k[0] for k in expected} and len({k[0] for k in after}) == MAX_STEPS - 2
+    assert any(name.startswith("val/") for _, name in expected) and any(name.startswith("train/") for _, name in expected)
+    assert after == expected

@@ -165,3 +165,72 @@ def test_two_process_fsdp2_fit_on_cpu(tiny_paths, tmp_path, options):
             assert r["checkpoint_wrapped_layers"] == 2
     # Different prompts per rank, so different rollouts and losses.
     assert ranks[0]["losses"] != ranks[1]["losses"]
+
+
+# --- module.sample (Pass@k sampling, the rewrite refiner) gathers once under FSDP2 ------------------
+def _sample_worker(rank: int, world: int, port: int, out: str) -> None:
+    import json
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from trd_lightning.sharding import shard_model
+    from trd_lightning.tasks import ArithmeticTask
+
+    sharded_rollout = _benchmark()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        counter = sharded_rollout._Counter()
+        task = ArithmeticTask(train_size=4 * world, val_size=2, test_size=2, seed=0)
+        prompts = [task.student_prompt(p) for p in list(task.problems("train"))[4 * rank : 4 * rank + 4]]
+        assets = Path(__file__).resolve().parents[1] / "trd_lightning" / "assets" / "arith"
+        sampling = Sampling(temperature=1.0, max_new_tokens=8)
+
+        def build():
+            return DistillationModule(student=str(assets / "student"), teacher=str(assets / "teacher"), task=task, sampling=sampling)
+
+        module, reference = build(), build()  # sharded, and a single-process copy of the same weights
+        mesh = init_device_mesh("cpu", (world,))
+        shard_model(module.student, ShardingPlan(), mesh)
+        shard_model(module.teacher, ShardingPlan(), mesh, role="teacher")
+        module.rollout_gather = "once"
+        result = {}
+        for role in ("student", "refiner"):
+            module.sample(prompts, role=role)  # the first call decides (and logs the memory estimate)
+            torch.manual_seed(100 + rank)
+            want = reference.sample(prompts, role=role)
+            torch.manual_seed(100 + rank)
+            before = counter.snapshot()
+            got = module.sample(prompts, role=role)
+            after = counter.snapshot()
+            result[role] = {"equal": all(torch.equal(a, b) for a, b in zip(got, want)),
+                            "gathers": after["all_gather_single"] - before["all_gather_single"]}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _benchmark():
+    from benchmarks import sharded_rollout  # the gather counter and port finder the benchmark uses
+
+    return sharded_rollout
+
+
+@pytest.mark.slow
+def test_module_sample_gathers_each_layer_once_and_equals_one_process(tmp_path):
+    """Pass@k's sampling and the rewrite refiner go through ``module.sample``; under FSDP2 with
+    ``rollout_gather: once`` it all-gathers each FSDP group once per call (not once per token) and
+    samples the tokens of a single-process copy with the same seed."""
+    import json
+
+    import torch.multiprocessing as mp
+    from transformers import AutoConfig
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_sample_worker, args=(2, _benchmark()._free_port(), str(tmp_path)), nprocs=2, join=True)
+    assets = Path(__file__).resolve().parents[1] / "trd_lightning" / "assets" / "arith"
+    groups = {r: AutoConfig.from_pretrained(assets / r).num_hidden_layers + 1 for r in ("student", "teacher")}
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["student"] == {"equal": True, "gathers": groups["student"]}, (rank, result)
+        assert result["refiner"] == {"equal": True, "gathers": groups["teacher"]}, (rank, result)

@@ -132,3 +132,22 @@ def _splice_callbacks(fused: bool) -> list:
         if c["class_path"].endswith("TrajectoryRevision"):
             c["init_args"]["reviser"]["init_args"]["fused"] = fused
     return callbacks
+
+
+@pytest.mark.slow
+def test_fsdp2_splice_fit_with_a_replicated_teacher_rolls_out_as_one_process(tmp_path):
+    """A sharded student with a teacher copied whole on every rank (`TeacherSharding(placement:
+    replicate)`, the only choice for a quantized teacher): the fused decode's teacher forwards are
+    local, the student's gather per layer in rank-synchronised rounds; rollouts = 1 process."""
+    fit = overlay(tmp_path, "fsdp_replicated_teacher", devices=2, steps=2, strategy={
+        "class_path": "trd_lightning.sharding.FSDP2Strategy",
+        "init_args": {"mixed_precision": None, "rollout_gather": "per_layer", "state_dict_type": "full"},
+    }, extra_callbacks=[
+        {"class_path": "trd_lightning.callbacks.TeacherSharding", "init_args": {"placement": "replicate", "dtype": "bf16"}},
+    ])  # fmt: skip
+    launch_cli(tmp_path, CONFIGS / "arith" / "trd_splice.yaml", fit)
+    for r in ranks(tmp_path / "fsdp_replicated_teacher", 2):
+        assert r["strategy"] == "FSDP2Strategy" and r["world_size"] == 2
+        assert r["student_sharded"] and not r["teacher_sharded"], r
+        assert [x["kind"] for x in r["records"]] == ["rollout"] * 2
+        assert_single_process_rollouts(r["records"])

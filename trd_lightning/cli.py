@@ -127,8 +127,10 @@ class TRDCli(LightningCLI):
             return
         with _before_compute():
             if ckpt_path in ("last", "best", "hpc", "registry"):
-                run_config.check_named_checkpoint(subcommand, ckpt_path, self.config[subcommand])
-                return
+                ckpt_path = run_config.resolve_named_checkpoint(subcommand, ckpt_path, self.config[subcommand])
+                if ckpt_path is None:
+                    return
+                self.config[subcommand].ckpt_path = ckpt_path
             ckpt = load_checkpoint_file(ckpt_path)
             run_config.check_resume(subcommand, ckpt, ckpt_path, self._parser(subcommand), self.config[subcommand])
 

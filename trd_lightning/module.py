@@ -46,6 +46,7 @@ from trd_lightning.rollout import (
     response_logits,
     stop_token_ids,
 )
+from trd_lightning.divergence import check_finite_before_greedy, diverged_weights_error
 from trd_lightning.resume import rng_states, set_rng_states
 from trd_lightning.sharding import configure_sharding, rollout_weights
 from trd_lightning.tasks.base import Task, problem_record
@@ -204,16 +205,18 @@ class DistillationModule(LightningModule):
         # max_prompt_length bounds x and c; a refinement context c_r has the reviser's own budget.
         limit = None if role == "refiner" else self.max_prompt_length
         ids, mask = encode_prompts(self.tokenizer, prompts, self.device, limit)
-        return self.engine.generate(
-            self.model_for(role),
-            self.tokenizer,
-            ids,
-            mask,
-            sampling or self.sampling,
-            num_return_sequences=num_return_sequences,
-            synced_gpus=self._synced_gpus(),
-            stop_ids=self.stop_ids,
-        )
+        check_finite_before_greedy(self.model_for(role), sampling or self.sampling, self.global_step, role)
+        with rollout_weights(self, (role,)) as local:  # FSDP2: gather once, if the strategy says so
+            return self.engine.generate(
+                self.model_for(role),
+                self.tokenizer,
+                ids,
+                mask,
+                sampling or self.sampling,
+                num_return_sequences=num_return_sequences,
+                synced_gpus=self._synced_gpus() and not local,
+                stop_ids=self.stop_ids,
+            )
 
     def score(self, context: Context, *, role: str) -> torch.Tensor:
         if role == "student":
@@ -235,6 +238,7 @@ class DistillationModule(LightningModule):
         start = time.perf_counter()
         student_prompts = [self.task.student_prompt(p) for p in problems]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, student_prompts, self.device, self.max_prompt_length)
+        check_finite_before_greedy(self.student, self.sampling, self.global_step)  # greedy argmax(NaN) fails silently
         try:
             with rollout_weights(self, ("student",)) as local:  # FSDP2: gather once, if the strategy says so
                 response, mask = self.engine.generate(
@@ -246,12 +250,7 @@ class DistillationModule(LightningModule):
             # error is torch.multinomial's, which names neither the cause nor the fix.
             if "probability tensor contains" not in str(err):
                 raise
-            bad = [n for n, p in self.student.named_parameters() if not torch.isfinite(p).all()]
-            raise FloatingPointError(
-                f"sampling after step {self.global_step} failed: the student's next-token probabilities are not finite "
-                f"({len(bad)} weight tensors hold inf/NaN, e.g. {bad[:3]}); the weights diverged: lower the lr or set "
-                "trainer.gradient_clip_val, and resume from an earlier checkpoint"
-            ) from None
+            raise diverged_weights_error(self.student, self.global_step) from None
         student = Context.joined(prompt_ids, prompt_mask, response, mask)
         teacher_prompts = [self.teacher_prompt(p) for p in problems]
         # OPD: the teacher reads the student's own context, so it is not tokenized and laid out twice.

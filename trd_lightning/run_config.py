@@ -26,11 +26,13 @@ import errno
 import fnmatch
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 CONFIG_KEY = "trd_config"
 FINGERPRINT_KEY = "trd_model_fingerprints"
@@ -146,8 +148,6 @@ def check_resume(subcommand: str, ckpt: dict, ckpt_path: str, parser, cfg) -> No
             "folder) or start a new run without --ckpt_path"
         )
     if honoured:
-        from lightning.pytorch.utilities.rank_zero import rank_zero_info
-
         rank_zero_info(f"--ckpt_path {ckpt_path}: using the new values of {'; '.join(honoured)}")
 
 
@@ -183,35 +183,83 @@ def _same_weights(role: str, old, new, fingerprints: dict) -> bool:
     return new_fp is not None and new_fp == old_fp
 
 
-def check_named_checkpoint(subcommand: str, name: str, cfg) -> None:
-    """``--ckpt_path last`` in a fresh run folder finds nothing, and Lightning then trains or
-    evaluates the initial weights with only a warning: refuse unless a fixed folder holds one."""
+_LAST = re.compile(r"^last(-\d+)?\.ckpt$")  # Lightning's ModelCheckpoint._find_last_checkpoints pattern
+
+
+def resolve_named_checkpoint(subcommand: str, name: str, cfg) -> str | None:
+    """The file that ``--ckpt_path last`` / ``best`` means for this config, or ``None`` for names
+    Lightning resolves itself (``hpc``, ``registry``).
+
+    Lightning looks for ``last`` only in the *current* run's folder, and every run gets a new
+    ``version_N`` folder, so it never finds one and silently trains or tests the initial weights.
+    So ``last`` is the newest ``last*.ckpt`` (by modification time, Lightning's own tie-break) in a
+    fixed ``ModelCheckpoint.dirpath`` or in any ``<save_dir>/<name>/version_*/checkpoints/``; ``best``
+    is the ``best_model_path`` that the run's ModelCheckpoint recorded in that newest last checkpoint
+    (Lightning's ``best`` exists only in the process that ran ``fit``). None found: refused."""
+    if name in ("hpc", "registry"):
+        return None
     d = _as_dict(cfg)
-    folders = [
-        Path(cb["init_args"]["dirpath"])
-        for cb in (d.get("trainer") or {}).get("callbacks") or []
+    found = sorted(
+        (p for folder in _checkpoint_folders(d) if folder.is_dir() for p in folder.iterdir() if _LAST.match(p.name)),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if found and name == "last":
+        chosen = str(found[-1])
+    elif found and name == "best":
+        chosen = _best_recorded_in(found[-1])
+    else:
+        chosen = None
+    if chosen is None:
+        root = _checkpoint_folders(d)[-1] if _checkpoint_folders(d) else Path("<run folder>/checkpoints")
+        raise FileNotFoundError(
+            f"--ckpt_path {name}: no {name} checkpoint under {root} (nothing to {subcommand}: Lightning would "
+            f"use the initial weights); run `trd fit` with this config first (its ModelCheckpoint needs "
+            f"save_last: true), or pass the file, e.g. --ckpt_path {_latest_checkpoint_example(d)}"
+        )
+    rank_zero_info(f"--ckpt_path {name}: using {chosen} (the newest run's {name} checkpoint)")
+    return chosen
+
+
+def _checkpoint_folders(d: dict) -> list[Path]:
+    """Where this config's runs write checkpoints: fixed ``dirpath``s, else the logger's version folders."""
+    trainer = d.get("trainer") or {}
+    callbacks = trainer.get("callbacks") or []
+    fixed = [
+        Path(str(cb["init_args"]["dirpath"]))
+        for cb in (callbacks if isinstance(callbacks, list) else [callbacks])
         if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("ModelCheckpoint")
         and (cb.get("init_args") or {}).get("dirpath")
     ]
-    if name == "last" and any(any(f.glob("last*.ckpt")) for f in folders):
-        return
-    if name in ("hpc", "registry"):
-        return
-    example = _latest_checkpoint_example(d)
-    raise FileNotFoundError(
-        f"--ckpt_path {name}: no {name} checkpoint is known to this run (each run writes to its own version "
-        f"folder, so a new run has none); pass the file instead, e.g. --ckpt_path {example}"
-    )
+    root = _logger_root(d)
+    versions = sorted(root.glob("version_*/checkpoints")) if root is not None else []
+    return fixed + versions
+
+
+def _logger_root(d: dict) -> Path | None:
+    trainer = d.get("trainer") or {}
+    logger = trainer.get("logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    if isinstance(logger, dict):
+        args = logger.get("init_args") or {}
+        return Path(str(args.get("save_dir") or trainer.get("default_root_dir") or ".")) / str(args.get("name", "lightning_logs"))
+    if logger is False:
+        return None
+    return Path(str(trainer.get("default_root_dir") or ".")) / "lightning_logs"  # Lightning's default logger
+
+
+def _best_recorded_in(last: Path) -> str | None:
+    from trd_lightning.checkpoint_io import load_checkpoint_file
+
+    states = (load_checkpoint_file(str(last)).get("callbacks") or {}).items()
+    best = [s.get("best_model_path") for k, s in states if k.startswith("ModelCheckpoint") and isinstance(s, dict)]
+    best = [b for b in best if b and Path(b).exists()]
+    return best[0] if best else None
 
 
 def _latest_checkpoint_example(d: dict) -> str:
-    logger = (d.get("trainer") or {}).get("logger")
-    if isinstance(logger, dict):
-        args = logger.get("init_args") or {}
-        root = Path(str(args.get("save_dir", "lightning_logs"))) / str(args.get("name", ""))
-        found = sorted(root.glob("version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if found:
-            return str(found[-1])
+    root = _logger_root(d)
+    if root is not None:
         return str(root / "version_<N>" / "checkpoints" / "last.ckpt")
     return "<run folder>/checkpoints/last.ckpt"
 
@@ -321,6 +369,21 @@ def check_data(cfg, subcommand: str | None) -> None:
         wanted.append("test")
     for split in wanted:
         problems(split)
+    _check_tokenizers_read_the_task(d, getattr(datamodule, "task", None), wanted)
+
+
+def _check_tokenizers_read_the_task(d: dict, task, splits: list[str]) -> None:
+    """A task that can tell (``check_tokenizer_reads``: the math task) refuses a student or teacher
+    whose tokenizer cannot read its prompts, e.g. the arithmetic one; only tokenizers load here."""
+    check = getattr(task, "check_tokenizer_reads", None)
+    args = ((d.get("model") or {}).get("init_args")) or {}
+    if check is None or not splits:
+        return
+    from trd_lightning.models import load_tokenizer
+
+    for role in ("student", "teacher"):
+        if isinstance(args.get(role), str) and (role == "student" or args.get("mode", "opd") == "opd"):
+            check(load_tokenizer(args[role], role), splits[0], role)
 
 
 # --- run folders -------------------------------------------------------------------------------

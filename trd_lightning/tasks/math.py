@@ -291,6 +291,27 @@ class MathTask:
             self._tokenizer = tok
         return self._tokenizer
 
+    def check_tokenizer_reads(self, tokenizer, split: str, role: str = "student") -> None:
+        """Refuse a tokenizer that maps this task's text to its unknown token (the shipped
+        arithmetic tokenizer knows digits and operators only): the model would read ``<unk>``
+        for every word and every score would be meaningless, with no error anywhere."""
+        unk = getattr(tokenizer, "unk_token_id", None)
+        problems = self.problems(split)
+        if unk is None or not problems:
+            return  # byte-level vocabularies have no unknown token: every text is readable
+        prompt = self.student_prompt(problems[0])
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        unknown = sum(i == unk for i in ids)
+        if unknown:
+            words = [w for w in prompt.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
+            raise ValueError(
+                f"model.init_args.{role}: its tokenizer cannot read the math task's {split} prompts: {unknown} of "
+                f"{len(ids)} tokens of the first prompt are the unknown token {tokenizer.unk_token!r} "
+                f"(e.g. {words[:3]}; a {len(tokenizer)}-token vocabulary"
+                + (", the arithmetic task's" if len(tokenizer) < 100 else "")
+                + "); use a student and teacher whose tokenizer reads text (e.g. configs/qwen3/), or the arithmetic task"
+            )
+
     # --- Task protocol ------------------------------------------------------------------------
     def problems(self, split: str) -> Sequence:
         if split not in SPLITS:
