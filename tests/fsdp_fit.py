@@ -26,7 +26,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
-from trd_lightning.callbacks.sharding import TeacherSharding
+from trd_lightning.callbacks import TeacherSharding
 from trd_lightning.losses import reverse_kl
 from trd_lightning.models import load_causal_lm
 from trd_lightning.rollout import response_logits

@@ -7,11 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trd_lightning.decoding import top_p_support
+
 from tests.conftest import cpu_trainer
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.callbacks import TrajectoryRevision
 from trd_lightning.decoding import Proposer
-from trd_lightning.revision import PrefixSpliceReviser, RewriteReviser, rows, top_p_mask
+from trd_lightning.revision import PrefixSpliceReviser, RewriteReviser, rows
 from trd_lightning.splice_decode import SpliceDecode
 from trd_lightning.tasks import ArithmeticTask
 
@@ -102,7 +104,7 @@ def test_fused_splice_revises_at_the_first_disowned_token_and_stays_in_support(t
     teacher_logp = module.score(fused.teacher, role="teacher").float().log_softmax(-1)
     disowned = reviser.disowned(teacher_logp, fused.response_ids) & fused.response_mask
     student_logp = module.score(fused.student, role="student").detach().float().log_softmax(-1)
-    support = top_p_mask(student_logp, 0.6 + 1e-3)  # a hair of slack for KV-cache vs full-forward rounding
+    support = top_p_support(student_logp.exp(), 0.6 + 1e-3)  # a hair of slack for KV-cache vs full-forward rounding
     t_star = fused.info["t_star_rows"].tolist()
     assert any(t > 0 for t in t_star) and any(t == -1 for t in t_star), "want kept prefixes and untouched rows"
     for i, t in enumerate(t_star):
@@ -123,12 +125,12 @@ def test_fused_splice_in_training_and_not_in_evaluation(tiny_paths, task):
 
     class Record(TrajectoryRevision.__mro__[1]):  # a plain Callback
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append((pl_module.fused_reviser is reviser, batch["rollout"].info.get("fused", False)))
+            seen.append((pl_module.rollout_reviser is reviser, batch["rollout"].info.get("fused", False)))
 
     trainer = cpu_trainer(max_steps=2, limit_val_batches=0, callbacks=[callback, Record()])
     trainer.fit(module, PromptDataModule(task, batch_size=4))
     assert seen == [(True, True)] * 2, "training rollouts come from the fused reviser"
-    assert module.fused_reviser is None, "unhooked after fit"
+    assert module.rollout_reviser is None, "unhooked after fit"
     assert "fused" not in module.make_rollout(list(task.problems("test"))[:2]).info
     history = callback.history[-1]
     assert {"revision/fraction_revised", "revision/rollout_seconds", "revision/rest_seconds"} <= history.keys()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from trd_lightning.decoding import top_p_support
 from lightning.pytorch import LightningModule
 
 from tests.conftest import cpu_trainer, save_tiny
@@ -18,7 +20,7 @@ from trd_lightning.rollout import (
     sample_responses,
     stop_token_ids,
 )
-from trd_lightning.revision import PrefixSpliceReviser, RewriteReviser, assemble_rollout, rows, top_p_mask
+from trd_lightning.revision import PrefixSpliceReviser, RewriteReviser, assemble_rollout, rows
 
 SAMPLING = Sampling(temperature=1.0, max_new_tokens=12)
 
@@ -39,10 +41,10 @@ def hand_rollout(module, task, correct: list[bool]):
 
 def test_top_p_mask_matches_definition():
     logp = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
-    assert top_p_mask(logp, 0.45).tolist() == [True, False, False, False]
-    assert top_p_mask(logp, 0.6).tolist() == [True, True, False, False]
-    assert top_p_mask(logp, 0.9).tolist() == [True, True, True, False]
-    assert top_p_mask(logp, 0.97).tolist() == [True, True, True, True]
+    assert top_p_support(logp.exp(), 0.45).tolist() == [True, False, False, False]
+    assert top_p_support(logp.exp(), 0.6).tolist() == [True, True, False, False]
+    assert top_p_support(logp.exp(), 0.9).tolist() == [True, True, True, False]
+    assert top_p_support(logp.exp(), 0.97).tolist() == [True, True, True, True]
 
 
 def test_first_failure_criteria_on_hand_made_distributions():
@@ -66,7 +68,7 @@ def test_splice_keeps_prefix_and_samples_inside_student_top_p(module, task):
     t_star = reviser.first_failure(module.score(rollout.teacher, role="teacher"), rollout.response_ids, rollout.response_mask)
     assert (t_star >= 0).any(), "random tiny models should fail somewhere at threshold 0.2"
     student_logp = response_logits(module.student, revised.student).float().log_softmax(-1)
-    support = top_p_mask(student_logp, 0.5 + 1e-3)  # a hair of slack for KV-cache vs full-forward rounding
+    support = top_p_support(student_logp.exp(), 0.5 + 1e-3)  # a hair of slack for KV-cache vs full-forward rounding
     for i, (old, new) in enumerate(zip(rows(rollout), rows(revised))):
         t = int(t_star[i])
         if t < 0:

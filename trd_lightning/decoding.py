@@ -85,13 +85,9 @@ class Proposer:
         return torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
 
 
-def top_p_mask(logp: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Boolean mask of the smallest set of tokens whose mass reaches ``top_p`` (at least one)."""
-    return top_p_support(logp.exp(), top_p)
-
-
 def top_p_support(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """`top_p_mask` from probabilities (a decode has them already)."""
+    """Boolean mask of the smallest set of most likely tokens whose mass reaches ``top_p`` (at
+    least one), from probabilities: the student's support of a restricted draw."""
     sorted_p, order = probs.sort(-1, descending=True)
     # Keep a token while the mass *before* it is below top_p: the first token always (0 < top_p).
     keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p

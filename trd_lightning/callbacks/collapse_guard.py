@@ -142,7 +142,7 @@ class CollapseGuard(Callback):
         rollout = batch.get("rollout") if isinstance(batch, dict) else None
         if rollout is None:
             return
-        raw = rollout.info.get("original", rollout)  # the student's own y_o, before revision
+        raw = rollout.original or rollout  # the student's own y_o, before revision
         signals = {
             "length": float(raw.response_mask.sum(-1).float().mean()),
             "repetition": repetition_rate(raw.response_ids, raw.response_mask, self.ngram),
