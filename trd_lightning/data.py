@@ -142,12 +142,6 @@ class PromptDataModule(LightningDataModule):
                 loader.mark_consumed()
             # The one rollout path (trd_lightning.protocol.RolloutModel.make_rollout): y_o, or with
             # a fused reviser plugged in by TrajectoryRevision, y_r sampled already revised.
-            module = trainer.lightning_module
-            if not hasattr(module, "make_rollout"):
-                raise TypeError(
-                    f"PromptDataModule attaches each training batch's rollout with module.make_rollout(problems), which "
-                    f"{type(module).__name__} does not define: implement trd_lightning.protocol.RolloutModel, or use a "
-                    "DataModule of your own"
-                )
-            batch["rollout"] = module.make_rollout(batch["problems"])
+            # A module without it fails here with AttributeError naming make_rollout.
+            batch["rollout"] = trainer.lightning_module.make_rollout(batch["problems"])
         return batch

@@ -84,7 +84,7 @@ class PassAtKEvaluation(Callback):
     def evaluate_batch(self, module: LightningModule, problems: list, batch_idx: int) -> torch.Tensor:
         """Correct-sample counts ``[B]`` for one batch of problems."""
         prompts = [self._prompt(module, p) for p in problems]
-        rank = module.global_rank if module._trainer is not None else 0
+        rank = module.global_rank  # LightningModule's: 0 without a trainer
         devices = [module.device] if module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed + 100_003 * batch_idx + 7919 * rank)
