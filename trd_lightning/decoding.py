@@ -43,6 +43,10 @@ class Proposer:
     Same rules, in generate's order: ``min_new_tokens`` (EOS masked), then temperature, top-k,
     top-p (transformers' own warpers); greedy when ``do_sample`` is false. ``min_new_tokens`` is
     counted per row, because rows of a speculative decode advance at different rates.
+
+    Args:
+        generate_kwargs: `Sampling.generate_kwargs` (options it does not implement are refused).
+        eos_token_id: the id, or ids, that end a response.
     """
 
     def __init__(self, generate_kwargs: dict, eos_token_id):

@@ -42,7 +42,11 @@ Refine = Literal["all", "failed"]
 
 
 class Reviser(ABC):
-    """Maps a rollout to a revised one. ``revise`` must not change ``rollout`` in place."""
+    """Maps a rollout to a revised one. ``revise`` must not change ``rollout`` in place.
+
+    Args:
+        (none here: the subclasses' own, e.g. `PrefixSpliceReviser`, `RewriteReviser`)
+    """
 
     refine: Refine = "all"
     #: Revises while sampling (implements `trd_lightning.protocol.FusedReviser`): `TrajectoryRevision`
@@ -340,6 +344,25 @@ class PrefixSpliceReviser(Reviser):
     ``lookahead_acceptance``: when it is low, a smaller ``lookahead`` wastes fewer drafts. Rows
     that have finished leave the batch (and both KV caches) once a quarter of it has, so the
     forwards shrink as the rollouts end.
+
+    Args:
+        criterion: how ``t*`` is found: ``teacher_prob`` (the teacher's probability of the
+            student's token is below ``threshold``) or ``teacher_top_p`` (the token lies outside
+            the teacher's top-``teacher_top_p`` set).
+        threshold: the probability under which the teacher disowns a token (``teacher_prob``).
+        teacher_top_p: the teacher's nucleus mass (``teacher_top_p``).
+        student_top_p: from ``t*`` on, tokens are drawn from the teacher restricted to the
+            student's top-``student_top_p`` set (renormalised): the student's support.
+        temperature: the teacher's temperature in the restricted draws.
+        max_new_tokens: the length budget of ``y_r``; default: the module's sampling budget.
+        fallback: who draws when the restricted set holds under ``min_mass`` of the teacher's
+            mass: ``teacher`` (its unrestricted distribution) or ``student`` (its top-p set).
+        min_mass: the teacher mass on the student's set under which the fallback draws.
+        refine: ``all`` (every rollout can be spliced) or ``failed`` (only rollouts the task's
+            verifier fails; needs ``fused: false``).
+        fused: revise while sampling, in one decode (default: when ``refine`` is ``all``); false:
+            two-pass, which also logs the fail->pass statistics of the finished ``y_o``.
+        lookahead: tokens the student drafts per teacher forward (speculative; 1: every token).
     """
 
     def __init__(

@@ -22,6 +22,9 @@ class HFEngine(RolloutEngine):
 
     The default, and the only engine that also hands back the logits along the response
     (``return_logits=True``), which the rewrite reviser reuses as the teacher's logits.
+
+    Args:
+        (none: the sampling settings come with each ``generate`` call)
     """
 
     name = "hf"

@@ -122,6 +122,14 @@ def weights_version(model: torch.nn.Module) -> tuple:
 
 
 class VLLMEngine(RolloutEngine):
+    """Rollouts from a colocated ``vllm.LLM`` that follows the trained weights (the module docstring says how).
+
+    Args:
+        kwargs: extra ``vllm.LLM`` arguments (``gpu_memory_utilization``, ``max_num_seqs``...).
+        sleep: put the engine to sleep between rollouts (the training step gets the memory back);
+            ``None``: where the platform supports it (CUDA/ROCm/XPU, not the CPU build).
+    """
+
     name = "vllm"
 
     def __init__(self, kwargs: dict[str, Any] | None = None, sleep: bool | None = None):
