@@ -267,12 +267,8 @@ def test_lookahead_trades_teacher_forwards_for_drafts(tiny_paths, task):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_min_new_tokens_binds_the_restricted_draws_too(tiny_paths, task, fused):
-    class AtLeast(Sampling):  # the throughput benchmark's forced-length rollouts
-        def generate_kwargs(self):
-            return {**super().generate_kwargs(), "min_new_tokens": 9}
-
     torch.manual_seed(0)
-    module = make_module(tiny_paths, task, sampling=AtLeast(temperature=1.0, max_new_tokens=10))
+    module = make_module(tiny_paths, task, sampling=Sampling(temperature=1.0, max_new_tokens=10, min_new_tokens=9))
     problems = list(task.problems("test"))[:16]
     reviser = PrefixSpliceReviser(threshold=0.2, fused=fused)  # disowns often: most tokens are restricted draws
     revised = reviser.sample_revised(module, problems) if fused else reviser.revise(module, module.make_rollout(problems))
@@ -306,3 +302,10 @@ def test_finished_rows_leave_the_decode_and_the_rest_is_unchanged(tiny_paths, ta
         assert not (row[: n - 1] == eos).any() and (n == 16 or row[n - 1] == eos)
     fresh = module.score(revised.teacher, role="teacher")
     assert masked_max_diff(revised.teacher_logits, fresh, revised.response_mask) < 1e-4
+
+
+def test_min_new_tokens_is_a_checked_sampling_field():
+    assert Sampling(max_new_tokens=8, min_new_tokens=3).generate_kwargs()["min_new_tokens"] == 3
+    assert "min_new_tokens" not in Sampling().generate_kwargs(), "unset: generate runs as before the field existed"
+    with pytest.raises(ValueError, match=r"min_new_tokens must be in \[0, max_new_tokens=4\]"):
+        Sampling(max_new_tokens=4, min_new_tokens=5)
