@@ -15,7 +15,8 @@ from PIL import Image
 
 from tests.conftest import cpu_trainer, save_tiny
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
-from trd_lightning.audit import PLOTS, run_audit
+from trd_lightning.audit import run_audit
+from trd_lightning.audit_report import PLOTS
 from trd_lightning.callbacks import PrefixAudit, TrajectoryRevision
 from trd_lightning.cli import main
 from trd_lightning.revision import Reviser
