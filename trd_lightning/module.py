@@ -334,11 +334,11 @@ class DistillationModule(LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         prompts = [self.task.student_prompt(p) for p in batch["problems"]]
         ids, mask = self.sample(prompts)
-        texts = decode_responses(self.tokenizer, ids, mask)
+        texts, verdicts = decode_and_verify(self.task, self.tokenizer, batch["problems"], (ids, mask))
         return [
             # A plain record, not the task's object: Lightning walks (and rebuilds) what predict returns.
-            {"problem": problem_record(p), "prompt": q, "response": r, "verified": bool(self.task.verify(p, r))}
-            for p, q, r in zip(batch["problems"], prompts, texts)
+            {"problem": problem_record(p), "prompt": q, "response": r, "verified": ok}
+            for p, q, r, ok in zip(batch["problems"], prompts, texts, verdicts)
         ]
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
