@@ -179,7 +179,7 @@ def test_proposer_follows_generate_sampling_rules():
 def test_replacing_the_tokens_drops_stale_teacher_logits(tiny_paths, task):
     module = make_module(tiny_paths, task)
     revised = PrefixSpliceReviser(threshold=0.2).sample_revised(module, list(task.problems("test"))[:2])
-    assert revised.replace(info={}).teacher_logits is not None
+    assert revised.replace(stats={}).teacher_logits is not None
     assert revised.replace(response_ids=revised.response_ids.clone()).teacher_logits is None
 
 
