@@ -22,7 +22,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 # transformers 5 renamed the KV-cache argument of `forward` from past_key_values to cache.
-CACHE_KW = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+_CACHE_KW = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 # The generate keywords a hand-driven proposal honours; anything else is refused, not ignored.
 _HANDLED = {"do_sample", "temperature", "top_p", "top_k", "max_new_tokens", "min_new_tokens"}
@@ -32,9 +32,9 @@ def model_step(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Te
     """One forward of ``ids`` [B, n] with the KV cache; returns the logits of the last ``keep``
     positions ([B, keep, V], model dtype) and the cache."""
     out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep, **{CACHE_KW: cache}
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep, **{_CACHE_KW: cache}
     )
-    return out.logits[:, -keep:], getattr(out, CACHE_KW)
+    return out.logits[:, -keep:], getattr(out, _CACHE_KW)
 
 
 class Proposer:

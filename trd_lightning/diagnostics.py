@@ -78,11 +78,11 @@ def top2(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return probs[..., 0], probs[..., 1], ids[..., 0], ids[..., 1]
 
 
-def starts_onset(tokens: torch.Tensor, mask: torch.Tensor, single_ids: torch.Tensor, multi) -> torch.Tensor:
+def _starts_onset(tokens: torch.Tensor, mask: torch.Tensor, single_ids: torch.Tensor, multi) -> torch.Tensor:
     """[B, N]: where the rollout itself starts a correction (an onset token, or a whole sequence)."""
     hit = torch.isin(tokens, single_ids)
     for sequence in multi:
-        hit = hit | starts_sequence(tokens, mask, sequence)
+        hit = hit | _starts_sequence(tokens, mask, sequence)
     return hit
 
 
@@ -124,10 +124,10 @@ def first_failure(
 ) -> torch.Tensor:
     """``t*`` per row ``[B]`` (long): the first masked position the teacher rejects, ``-1`` if none."""
     check_criterion(criterion, threshold, top_p)
-    return first_true(disowned(log_probs(teacher_logits), response_ids, criterion, threshold, top_p) & mask.bool())
+    return _first_true(disowned(log_probs(teacher_logits), response_ids, criterion, threshold, top_p) & mask.bool())
 
 
-def first_true(flags: torch.Tensor) -> torch.Tensor:
+def _first_true(flags: torch.Tensor) -> torch.Tensor:
     """Index of the first True of each row, ``-1`` for rows without one."""
     if flags.shape[-1] == 0:
         return torch.full(flags.shape[:-1], -1, dtype=torch.long, device=flags.device)
@@ -191,7 +191,7 @@ class RolloutDiagnostics:
         return RolloutDiagnostics(**out)
 
 
-def check_inputs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor) -> None:
+def _check_inputs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor) -> None:
     if teacher_logits.dim() != 3:
         raise ValueError(f"logits must be [B, N, V], got teacher shape {tuple(teacher_logits.shape)}")
     if student_logits.shape != teacher_logits.shape:
@@ -243,7 +243,7 @@ def rollout_diagnostics(
     ``teacher_logits``, the rest from ``onset_continuations[sequence]`` ([B, N] log-probabilities,
     `trd_lightning.audit.onset_continuation_logprob`), which need more teacher forwards.
     """
-    check_inputs(student_logits, teacher_logits, response_ids, mask)
+    _check_inputs(student_logits, teacher_logits, response_ids, mask)
     check_criterion(criterion, threshold, top_p)
     vocab = teacher_logits.shape[-1]
     single, multi = split_onsets(torch.as_tensor(onset_ids).tolist() if torch.is_tensor(onset_ids) else onset_ids)
@@ -281,8 +281,8 @@ def rollout_diagnostics(
             q.index_select(-1, single_ids).sum(-1)
             + sum((q[..., s[0]] * onset_continuations[s].to(q.device).exp() for s in multi), torch.zeros_like(q_tok))
         ),
-        continue_mass=masked(torch.where(starts_onset(tokens, mask, single_ids, multi), 0.0, q_tok.exp())),
-        t_star=first_true(failed & mask),
+        continue_mass=masked(torch.where(_starts_onset(tokens, mask, single_ids, multi), 0.0, q_tok.exp())),
+        t_star=_first_true(failed & mask),
         topk_ids=top_ids[..., :top_k],
         topk_probs=top_probs[..., :top_k],
         mask=mask,
@@ -377,7 +377,7 @@ def split_onsets(onsets) -> tuple[list[int], list[tuple[int, ...]]]:
     return single, multi
 
 
-def starts_sequence(tokens: torch.Tensor, mask: torch.Tensor, sequence: tuple[int, ...]) -> torch.Tensor:
+def _starts_sequence(tokens: torch.Tensor, mask: torch.Tensor, sequence: tuple[int, ...]) -> torch.Tensor:
     """[B, N]: where the response itself continues with ``sequence`` (all of it inside the response)."""
     b, n = tokens.shape
     m = len(sequence)

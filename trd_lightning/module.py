@@ -58,7 +58,7 @@ torch.serialization.add_safe_globals([Sampling])
 _HALF_DTYPES = ("bfloat16", "float16")
 
 
-def half_precision_weights_message(setting: str) -> str:
+def _half_precision_weights_message(setting: str) -> str:
     """Why the student's trained weights must stay in float32, and the fix."""
     return (
         f"{setting} trains the student's weights themselves in half precision: an update smaller than the "
@@ -139,7 +139,7 @@ class DistillationModule(LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
 
         if student_dtype in _HALF_DTYPES and not student_lora:
-            raise ValueError(half_precision_weights_message(f"student_dtype: {student_dtype}"))
+            raise ValueError(_half_precision_weights_message(f"student_dtype: {student_dtype}"))
         # Everything that can fail on bad input runs here, before a single forward pass.
         self._tokenizer = load_tokenizer(student, role="student")
         self._check_loss_kwargs()
@@ -504,7 +504,7 @@ class DistillationModule(LightningModule):
     def setup(self, stage: str) -> None:
         precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
         if stage == "fit" and precision in ("bf16-true", "16-true", "bf16", "16") and not is_lora(self.student):
-            raise ValueError(half_precision_weights_message(f"trainer.precision: {precision}"))
+            raise ValueError(_half_precision_weights_message(f"trainer.precision: {precision}"))
         # Before any compute: every prompt the run will encode must fit its budget, since prompts
         # are never cut (see `encode_prompts`), and a prompt past the positions would crash inside
         # generate (absolute positions) or run past what the model was trained for.

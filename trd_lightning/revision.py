@@ -80,7 +80,7 @@ def rows(rollout: Rollout) -> list[torch.Tensor]:
     return [ids[m] for ids, m in zip(rollout.response_ids, rollout.response_mask)]
 
 
-def first_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+def _first_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     """Per row, the first position where two token sequences differ (``-1`` if identical)."""
     out = []
     for x, y in zip(a, b):
@@ -108,7 +108,7 @@ def revision_stats(module, original: Rollout, revised_rows: torch.Tensor, t_star
     }
 
 
-def refinement_contexts(task, tokenizer, problems: list, attempts: list[torch.Tensor], privileged: bool, limit: int | None):
+def _refinement_contexts(task, tokenizer, problems: list, attempts: list[torch.Tensor], privileged: bool, limit: int | None):
     """The refinement contexts ``c_r`` of ``problems``, each within ``limit`` tokens.
 
     ``c_r`` always holds the whole problem (and, when privileged, the reference): only the attempt
@@ -163,7 +163,7 @@ class RewriteReviser(Reviser):
             teacher's position limit minus ``max_new_tokens``. A longer ``c_r`` keeps the whole
             problem (and reference) and drops the attempt's last tokens, as few as needed, counted
             in ``revision/attempts_cut`` and ``revision/attempt_tokens_cut``; a problem that does
-            not fit even without its attempt is an error (see `refinement_contexts`).
+            not fit even without its attempt is an error (see `_refinement_contexts`).
         verified: replace each rewrite that the task's verifier fails by the rollout ``y_o``
             itself, scored by the teacher under its ordinary context (``x``; ``(x, y*)`` in OPSD),
             so a broken rewrite is never a target. Unlike ``refine="failed"`` (which the paper
@@ -230,7 +230,7 @@ class RewriteReviser(Reviser):
             if dummy:
                 picked = [0]
             limit = self._limit(module, sampling)
-            prompts, cut = refinement_contexts(
+            prompts, cut = _refinement_contexts(
                 task, tok, [rollout.problems[i] for i in picked], [originals[i] for i in picked], privileged, limit
             )
             if cut["rows"] and not self._warned_cut:
@@ -260,7 +260,7 @@ class RewriteReviser(Reviser):
                 new[i] = out[j][out_mask[j]]
                 teacher_prompts[i] = prompts[j]  # the teacher scores y_r under c_r
         revised_rows = torch.tensor(selected)
-        t_star = first_difference(originals, new)
+        t_star = _first_difference(originals, new)
         t_star[~revised_rows] = -1
         stats = revision_stats(module, rollout, revised_rows, t_star, new)
         stats["revision_tokens"] = int(out.numel()) if picked and not dummy else 0  # what the refiner decoded
@@ -286,7 +286,7 @@ class RewriteReviser(Reviser):
             if bad:  # the failed rewrite is dropped: train on y_o under the teacher's ordinary context
                 new[i], prompts[i] = originals[i], plain[i]
         revised_rows = torch.tensor([sel and not bad for sel, bad in zip(selected, rejected)])
-        t_star = first_difference(originals, new)
+        t_star = _first_difference(originals, new)
         t_star[~revised_rows] = -1
         stats = revision_stats(module, rollout, revised_rows, t_star, new)
         n_selected = max(sum(selected), 1)
@@ -516,7 +516,7 @@ class PrefixSpliceReviser(Reviser):
         revised = assemble_rollout(
             module, rollout.problems, new, [module.teacher_prompt(p) for p in rollout.problems], stats, t_star=t_star.cpu()
         )
-        return revised.replace(teacher_logits=right_pad_rows(logit_rows, revised.response_ids.shape[1]))
+        return revised.replace(teacher_logits=_right_pad_rows(logit_rows, revised.response_ids.shape[1]))
 
     def _continue(
         self, module, rollout: Rollout, idx: torch.Tensor, keep: list[torch.Tensor], remaining: torch.Tensor, minimum: torch.Tensor
@@ -552,7 +552,7 @@ def _fallback_rate(empty: torch.Tensor, revised_positions: torch.Tensor) -> floa
     return float((empty & revised_positions).sum()) / max(float(revised_positions.sum()), 1.0)
 
 
-def right_pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+def _right_pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     """Per-row ``[n_i, V]`` tensors stacked to ``[B, width, V]`` (zeros after each row's end)."""
     first = rows[0]
     out = first.new_zeros((len(rows), width, first.shape[-1]))
