@@ -24,7 +24,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 
 from tests.helpers import ROOT, run_isolated
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
-from trd_lightning.callbacks.sharding import TeacherSharding
+from trd_lightning.callbacks import TeacherSharding
 from trd_lightning.losses import reverse_kl
 from trd_lightning.models import load_causal_lm
 from trd_lightning.rollout import response_logits

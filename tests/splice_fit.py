@@ -65,7 +65,7 @@ class RolloutCheck(Callback):
         def make_rollout(problems):
             if not trainer.training:
                 return real_rollout(problems)
-            expected = (lambda: self.reviser.sample_revised(self.ref, problems)) if pl_module.fused_reviser else (lambda: self.ref.make_rollout(problems))
+            expected = (lambda: self.reviser.sample_revised(self.ref, problems)) if pl_module.rollout_reviser else (lambda: self.ref.make_rollout(problems))
             return self._checked("rollout", lambda: real_rollout(problems), expected)
 
         def revise(module, rollout):

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from trd_lightning.decoding import top_p_support
+
 from trd_lightning import diagnostics as D
 from trd_lightning.losses import forward_kl, reverse_kl
-from trd_lightning.revision import top_p_mask
 from trd_lightning.tasks.arithmetic import ArithmeticProblem
 
 UNIMODAL = [0.96, 0.01, 0.01, 0.01, 0.01]
@@ -53,7 +54,8 @@ def test_every_statistic_matches_a_direct_computation():
     assert d.bimodality[0].tolist() == pytest.approx([0.02, 0.9, 0.4], abs=1e-5)
     assert d.continue_mass[0, 2].item() == 0.0, "a sampled onset token is not 'continuing'"
     # The standalone per-position functions agree with the batched one.
-    torch.testing.assert_close(D.entropy(t_logits), d.teacher_entropy)
+    t_logp = D.log_probs(t_logits)
+    torch.testing.assert_close(-(t_logp.exp() * t_logp).sum(-1), d.teacher_entropy)
     torch.testing.assert_close(D.bimodality(t_logits), d.bimodality)
     torch.testing.assert_close(D.onset_mass(t_logits, ONSETS), d.onset_mass)
     torch.testing.assert_close(D.continue_mass(t_logits, ids, ONSETS), d.continue_mass)
@@ -103,13 +105,19 @@ def test_t_star_under_each_criterion():
         D.first_failure(logits, tokens, mask, criterion="entropy")
 
 
-def test_top_p_membership_agrees_with_the_revisers_nucleus():
+def test_the_t_star_rule_agrees_with_the_nucleus_set():
+    # One t* rule (`disowned`) for the reviser, the diagnostics and the audit: "outside the
+    # teacher's top-p set" is decided by the mass of strictly more likely tokens, which matches
+    # membership in the sorted nucleus set (no ties in random logits).
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 6, 9, generator=g) * 2
     tokens = torch.randint(0, 9, (4, 6), generator=g)
     for p in (0.3, 0.7, 0.95):
-        nucleus = top_p_mask(logits.log_softmax(-1), p).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        assert torch.equal(D.in_top_p(logits, tokens, p), nucleus)
+        nucleus = top_p_support(logits.log_softmax(-1).exp(), p).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        logp = D.log_probs(logits)
+        assert torch.equal(~D.disowned(logp, tokens, "top_p", 0.05, p), nucleus)
+        assert torch.equal(D.disowned(logp, tokens, "teacher_top_p", 0.05, p), ~nucleus)  # the reviser's spelling
+        assert torch.equal(D.disowned(logp, tokens, "teacher_prob", 0.1, p), logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).exp() < 0.1)
 
 
 def test_alignment_around_the_first_error():

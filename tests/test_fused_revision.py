@@ -10,8 +10,8 @@ import torch
 from tests.helpers import cpu_trainer
 from trd_lightning import DistillationModule, PromptDataModule, Sampling
 from trd_lightning.callbacks import TrajectoryRevision
-from trd_lightning.decoding import Proposer
-from trd_lightning.revision import PrefixSpliceReviser, RewriteReviser, rows, top_p_mask
+from trd_lightning.decoding import Proposer, top_p_support
+from trd_lightning.revision import PrefixSpliceReviser, RewriteReviser, rows
 from trd_lightning.splice_decode import SpliceDecode
 from trd_lightning.tasks import ArithmeticTask
 
@@ -102,7 +102,7 @@ def test_fused_splice_revises_at_the_first_disowned_token_and_stays_in_support(t
     teacher_logp = module.score(fused.teacher, role="teacher").float().log_softmax(-1)
     disowned = reviser.disowned(teacher_logp, fused.response_ids) & fused.response_mask
     student_logp = module.score(fused.student, role="student").detach().float().log_softmax(-1)
-    support = top_p_mask(student_logp, 0.6 + 1e-3)  # a hair of slack for KV-cache vs full-forward rounding
+    support = top_p_support(student_logp.exp(), 0.6 + 1e-3)  # a hair of slack for KV-cache vs full-forward rounding
     t_star = fused.info["t_star_rows"].tolist()
     assert any(t > 0 for t in t_star) and any(t == -1 for t in t_star), "want kept prefixes and untouched rows"
     for i, t in enumerate(t_star):
@@ -123,12 +123,12 @@ def test_fused_splice_in_training_and_not_in_evaluation(tiny_paths, task):
 
     class Record(TrajectoryRevision.__mro__[1]):  # a plain Callback
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append((pl_module.fused_reviser is reviser, batch["rollout"].info.get("fused", False)))
+            seen.append((pl_module.rollout_reviser is reviser, batch["rollout"].info.get("fused", False)))
 
     trainer = cpu_trainer(max_steps=2, limit_val_batches=0, callbacks=[callback, Record()])
     trainer.fit(module, PromptDataModule(task, batch_size=4))
     assert seen == [(True, True)] * 2, "training rollouts come from the fused reviser"
-    assert module.fused_reviser is None, "unhooked after fit"
+    assert module.rollout_reviser is None, "unhooked after fit"
     assert "fused" not in module.make_rollout(list(task.problems("test"))[:2]).info
     history = callback.history[-1]
     assert {"revision/fraction_revised", "revision/rollout_seconds", "revision/rest_seconds"} <= history.keys()
@@ -177,7 +177,7 @@ def test_proposer_follows_generate_sampling_rules():
 def test_replacing_the_tokens_drops_stale_teacher_logits(tiny_paths, task):
     module = make_module(tiny_paths, task)
     revised = PrefixSpliceReviser(threshold=0.2).sample_revised(module, list(task.problems("test"))[:2])
-    assert revised.replace(info={}).teacher_logits is not None
+    assert revised.replace(stats={}).teacher_logits is not None
     assert revised.replace(response_ids=revised.response_ids.clone()).teacher_logits is None
 
 
@@ -265,12 +265,8 @@ def test_lookahead_trades_teacher_forwards_for_drafts(tiny_paths, task):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_min_new_tokens_binds_the_restricted_draws_too(tiny_paths, task, fused):
-    class AtLeast(Sampling):  # the throughput benchmark's forced-length rollouts
-        def generate_kwargs(self):
-            return {**super().generate_kwargs(), "min_new_tokens": 9}
-
     torch.manual_seed(0)
-    module = make_module(tiny_paths, task, sampling=AtLeast(temperature=1.0, max_new_tokens=10))
+    module = make_module(tiny_paths, task, sampling=Sampling(temperature=1.0, max_new_tokens=10, min_new_tokens=9))
     problems = list(task.problems("test"))[:16]
     reviser = PrefixSpliceReviser(threshold=0.2, fused=fused)  # disowns often: most tokens are restricted draws
     revised = reviser.sample_revised(module, problems) if fused else reviser.revise(module, module.make_rollout(problems))
@@ -304,3 +300,10 @@ def test_finished_rows_leave_the_decode_and_the_rest_is_unchanged(tiny_paths, ta
         assert not (row[: n - 1] == eos).any() and (n == 16 or row[n - 1] == eos)
     fresh = module.score(revised.teacher, role="teacher")
     assert masked_max_diff(revised.teacher_logits, fresh, revised.response_mask) < 1e-4
+
+
+def test_min_new_tokens_is_a_checked_sampling_field():
+    assert Sampling(max_new_tokens=8, min_new_tokens=3).generate_kwargs()["min_new_tokens"] == 3
+    assert "min_new_tokens" not in Sampling().generate_kwargs(), "unset: generate runs as before the field existed"
+    with pytest.raises(ValueError, match=r"min_new_tokens must be in \[0, max_new_tokens=4\]"):
+        Sampling(max_new_tokens=4, min_new_tokens=5)

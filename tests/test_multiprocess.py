@@ -121,7 +121,7 @@ class FusedRecorder(Callback):
 
     def on_fit_end(self, trainer, pl_module):
         checksum = sum(float(p.double().sum()) for p in pl_module.student.parameters())
-        record = {"fused": self.fused, "checksum": checksum, "hooked_during_fit": pl_module.fused_reviser is not None}
+        record = {"fused": self.fused, "checksum": checksum, "hooked_during_fit": pl_module.rollout_reviser is not None}
         (Path(self.out) / f"fused_rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

@@ -157,7 +157,7 @@ def test_unknown_reviser_or_criterion_name():
         revision.PrefixSpliceReviser(criterion="teacher_prb")
     with pytest.raises(ValueError, match="unknown refine mode 'some'; choose 'all' or 'failed'"):
         revision.RewriteReviser(refine="some")
-    from trd_lightning.callbacks.revision import TrajectoryRevision
+    from trd_lightning.callbacks import TrajectoryRevision
 
     with pytest.raises(TypeError, match="reviser must be a trd_lightning.revision.Reviser, got str"):
         TrajectoryRevision("PrefixSpliceReviser")

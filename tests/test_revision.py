@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from trd_lightning.decoding import top_p_support
 from lightning.pytorch import LightningModule
 
 from tests.helpers import cpu_trainer, save_tiny
@@ -18,7 +20,7 @@ from trd_lightning.rollout import (
     sample_responses,
     stop_token_ids,
 )
-from trd_lightning.revision import PrefixSpliceReviser, RewriteReviser, assemble_rollout, rows, top_p_mask
+from trd_lightning.revision import PrefixSpliceReviser, RewriteReviser, assemble_rollout, rows
 
 SAMPLING = Sampling(temperature=1.0, max_new_tokens=12)
 
@@ -39,10 +41,10 @@ def hand_rollout(module, task, correct: list[bool]):
 
 def test_top_p_mask_matches_definition():
     logp = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
-    assert top_p_mask(logp, 0.45).tolist() == [True, False, False, False]
-    assert top_p_mask(logp, 0.6).tolist() == [True, True, False, False]
-    assert top_p_mask(logp, 0.9).tolist() == [True, True, True, False]
-    assert top_p_mask(logp, 0.97).tolist() == [True, True, True, True]
+    assert top_p_support(logp.exp(), 0.45).tolist() == [True, False, False, False]
+    assert top_p_support(logp.exp(), 0.6).tolist() == [True, True, False, False]
+    assert top_p_support(logp.exp(), 0.9).tolist() == [True, True, True, False]
+    assert top_p_support(logp.exp(), 0.97).tolist() == [True, True, True, True]
 
 
 def test_first_failure_criteria_on_hand_made_distributions():
@@ -66,7 +68,7 @@ def test_splice_keeps_prefix_and_samples_inside_student_top_p(module, task):
     t_star = reviser.first_failure(module.score(rollout.teacher, role="teacher"), rollout.response_ids, rollout.response_mask)
     assert (t_star >= 0).any(), "random tiny models should fail somewhere at threshold 0.2"
     student_logp = response_logits(module.student, revised.student).float().log_softmax(-1)
-    support = top_p_mask(student_logp, 0.5 + 1e-3)  # a hair of slack for KV-cache vs full-forward rounding
+    support = top_p_support(student_logp.exp(), 0.5 + 1e-3)  # a hair of slack for KV-cache vs full-forward rounding
     for i, (old, new) in enumerate(zip(rows(rollout), rows(revised))):
         t = int(t_star[i])
         if t < 0:
@@ -142,76 +144,6 @@ def test_revision_stats_count_fail_to_pass(module, task):
     info = Oracle().revise(module, rollout).info
     assert info["fail_to_pass"] == 0.5 and info["pass_to_fail"] == 0.0
     assert info["accuracy_before"] == 0.5 and info["accuracy_after"] == 1.0
-
-
-class ProtocolOnlyModule(LightningModule):
-    """A module written from the documented protocol alone (not a DistillationModule)."""
-
-    def __init__(self, student_path, teacher_path, task):
-        super().__init__()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.task = task
-        self.tokenizer = AutoTokenizer.from_pretrained(student_path)
-        self.student = AutoModelForCausalLM.from_pretrained(student_path).train()
-        self.teacher = AutoModelForCausalLM.from_pretrained(teacher_path).eval().requires_grad_(False)
-        self.rollouts_seen = []
-
-    def model_for(self, role):
-        return self.student if role == "student" else self.teacher
-
-    max_prompt_length = None
-
-    @property
-    def stop_ids(self):
-        return stop_token_ids(self.student, self.tokenizer)
-
-    def teacher_prompt(self, problem):
-        return self.task.student_prompt(problem)
-
-    def sample(self, prompts, *, role="student", sampling=None, num_return_sequences=1):
-        ids, mask = encode_prompts(self.tokenizer, prompts, self.device)
-        return sample_responses(self.model_for(role), self.tokenizer, ids, mask, sampling or SAMPLING, num_return_sequences=num_return_sequences)
-
-    def score(self, context, *, role):
-        return response_logits(self.model_for(role), context)
-
-    def training_step(self, batch, batch_idx):
-        if "rollout" not in batch:
-            raise AssertionError("the callback needs the rollout")
-        rollout = batch["rollout"]
-        self.rollouts_seen.append(rollout)
-        with torch.no_grad():
-            t = self.score(rollout.teacher, role="teacher")
-        return forward_kl(self.score(rollout.student, role="student"), t, rollout.response_mask)
-
-    def on_after_batch_transfer(self, batch, dataloader_idx):
-        prompts = [self.task.student_prompt(p) for p in batch["problems"]]
-        ids, mask = self.sample(prompts)
-        batch["rollout"] = assemble_rollout(self, batch["problems"], [r[m] for r, m in zip(ids, mask)], prompts)
-        return batch
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.student.parameters(), lr=0.01)
-
-
-@pytest.mark.parametrize("reviser", [RewriteReviser(sampling=SAMPLING), PrefixSpliceReviser(threshold=0.2)])
-def test_callback_plugs_into_a_protocol_only_module(tiny_paths, task, reviser):
-    from torch.utils.data import DataLoader
-
-    from trd_lightning.data import ProblemDataset, collate_problems
-
-    module = ProtocolOnlyModule(tiny_paths["student"], tiny_paths["teacher"], task)
-    callback = TrajectoryRevision(reviser)
-    loader = DataLoader(ProblemDataset(list(task.problems("test"))), batch_size=4, collate_fn=collate_problems)
-    trainer = cpu_trainer(max_steps=2, callbacks=[callback])
-    trainer.fit(module, train_dataloaders=loader)
-    assert len(module.rollouts_seen) == 2
-    assert all("original" in r.info for r in module.rollouts_seen), "training_step must see the revised rollout"
-    logged = trainer.logged_metrics
-    for key in ("revision/fraction_revised", "revision/seconds", "revision/rest_seconds", "revision/length_before"):
-        assert key in logged
-    assert len(callback.history) == 2 and callback.history[0]["revision/seconds"] > 0
 
 
 def test_trd_fit_with_distillation_module(module, task):

@@ -31,7 +31,7 @@ from trd_lightning.diagnostics import (
     rollout_diagnostics,
 )
 from trd_lightning.revision import Reviser
-from trd_lightning.rollout import Context, Rollout, Sampling, build_context, decode_responses, left_pad
+from trd_lightning.rollout import Context, Rollout, Sampling, build_context, decode_and_verify, left_pad
 
 _ALIGN_ON = ("auto", "verifier", "t_star")
 #: statistics in the summary table and the JSON (in this order)
@@ -89,7 +89,7 @@ def sample_rollout(module, problems: list, sampling: Sampling | None = None) -> 
     task, tok = module.task, module.tokenizer
     prompts = [task.student_prompt(p) for p in problems]
     ids, mask = module.sample(prompts, role="student", sampling=sampling)
-    limit = getattr(module, "max_prompt_length", None)
+    limit = module.max_prompt_length
     student = build_context(tok, prompts, ids, mask, limit)
     teacher = build_context(tok, [module.teacher_prompt(p) for p in problems], ids, mask, limit)
     return Rollout(list(problems), ids, mask, student, teacher)
@@ -426,8 +426,8 @@ class _Collected:
 
     def add(self, module, task, rollout: Rollout, onset_ids, diag_kwargs, align_on) -> None:
         d = diagnose(module, rollout, onset_ids, **diag_kwargs)
-        texts = decode_responses(module.tokenizer, rollout.response_ids, rollout.response_mask)
-        correct = torch.tensor([bool(task.verify(p, t)) for p, t in zip(rollout.problems, texts)])
+        texts, verdicts = decode_and_verify(task, module.tokenizer, rollout.problems, rollout)
+        correct = torch.tensor(verdicts)
         first, self.source = first_errors(task, module.tokenizer, rollout, texts, d, align_on)
         self.traces += rollout_traces(task, module.tokenizer, rollout, d, texts, correct, first)
         self.parts.append(d)

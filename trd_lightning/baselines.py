@@ -51,25 +51,27 @@ class TeacherSampleReviser(Reviser):
         new = rows(rollout)
         if picked:
             prompts = [module.teacher_prompt(rollout.problems[i]) for i in picked]
-            sampling = self.sampling or getattr(module, "sampling", None) or Sampling()
+            sampling = self.sampling or module.sampling
             out, out_mask = module.sample(prompts, role="teacher", sampling=sampling)
             for j, i in enumerate(picked):
                 new[i] = out[j][out_mask[j]].to(rollout.response_ids.device)
         replaced = torch.zeros(n, dtype=torch.bool)
         replaced[picked] = True
         t_star = torch.where(replaced, 0, -1)
-        info = revision_stats(module, rollout, replaced, t_star, new)
-        info["teacher_rows"] = replaced.float().mean().item()
-        info["revision_tokens"] = sum(len(new[i]) for i in picked)
-        return assemble_rollout(module, rollout.problems, new, [module.teacher_prompt(p) for p in rollout.problems], info)
+        stats = revision_stats(module, rollout, replaced, t_star, new)
+        stats["teacher_rows"] = replaced.float().mean().item()
+        stats["revision_tokens"] = sum(len(new[i]) for i in picked)
+        return assemble_rollout(module, rollout.problems, new, [module.teacher_prompt(p) for p in rollout.problems], stats)
 
 
 class SpliceFromStartReviser(PrefixSpliceReviser):
     """`PrefixSpliceReviser` whose teacher disowns every token, so ``t* = 0`` in every row.
 
     Every token of ``y_r`` is then drawn from the teacher restricted to the student's
-    top-``student_top_p`` set (same fused decode, fallback and budget as the splice). The
-    ``criterion``/``threshold`` arguments of the parent are unused.
+    top-``student_top_p`` set (same fused decode, fallback and budget as the splice).
+
+    Args:
+        (those of `PrefixSpliceReviser`; ``criterion``, ``threshold`` and ``teacher_top_p`` are unused)
     """
 
     def disowned(self, teacher_logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from trd_lightning import run_config
 from trd_lightning.audit import AuditOptions, audit_with_trainer
-from trd_lightning.callbacks.predictions import PredictionWriter
+from trd_lightning.callbacks import PredictionWriter
 from trd_lightning.callbacks.preemption import PreemptionCheckpoint
 from trd_lightning.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
 from trd_lightning.cli_errors import SuggestingArgumentParser, check_config_files, unwrap_union_error

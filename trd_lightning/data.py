@@ -1,7 +1,8 @@
 """`PromptDataModule`: batches of problems from a `Task`; rollouts attached on the fly.
 
-Rollouts are made in `on_after_batch_transfer`, i.e. when the batch is about to be used, from
-``trainer.lightning_module`` as it is at that moment. A DataLoader worker or prefetch never sees
+Rollouts are made in `on_after_batch_transfer`, i.e. when the batch is about to be used, by
+``trainer.lightning_module.make_rollout(problems)`` (the one declared rollout path, see
+`trd_lightning.protocol`), from the weights as they are at that moment. A DataLoader worker or prefetch never sees
 the model, so the rollout of step t always comes from the weights after update t-1.
 """
 
@@ -19,6 +20,12 @@ from trd_lightning.tasks.base import Task
 
 
 class ProblemDataset(Dataset):
+    """A map-style dataset over a task's problem records.
+
+    Args:
+        problems: the records, indexed as given.
+    """
+
     def __init__(self, problems: Sequence):
         self.problems = problems
 
@@ -49,6 +56,7 @@ class PromptDataModule(LightningDataModule):
         batch_size: problems per training step (one rollout each).
         eval_batch_size: problems per validation/test batch (each sampled n times by Pass@k).
         shuffle: shuffle the training problems (seeded by ``seed_everything``).
+        num_workers: DataLoader worker processes (the rollouts are made in the main process).
     """
 
     def __init__(
@@ -132,8 +140,8 @@ class PromptDataModule(LightningDataModule):
             loader = trainer.train_dataloader
             if isinstance(loader, ResumableDataLoader):
                 loader.mark_consumed()
-            module = trainer.lightning_module
-            make_rollout = getattr(module, "make_rollout", None)
-            if make_rollout is not None:
-                batch["rollout"] = make_rollout(batch["problems"])
+            # The one rollout path (trd_lightning.protocol.RolloutModel.make_rollout): y_o, or with
+            # a fused reviser plugged in by TrajectoryRevision, y_r sampled already revised.
+            # A module without it fails here with AttributeError naming make_rollout.
+            batch["rollout"] = trainer.lightning_module.make_rollout(batch["problems"])
         return batch

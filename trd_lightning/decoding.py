@@ -22,7 +22,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 # transformers 5 renamed the KV-cache argument of `forward` from past_key_values to cache.
-CACHE_KW = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+_CACHE_KW = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 # The generate keywords a hand-driven proposal honours; anything else is refused, not ignored.
 _HANDLED = {"do_sample", "temperature", "top_p", "top_k", "max_new_tokens", "min_new_tokens"}
@@ -32,9 +32,9 @@ def model_step(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Te
     """One forward of ``ids`` [B, n] with the KV cache; returns the logits of the last ``keep``
     positions ([B, keep, V], model dtype) and the cache."""
     out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep, **{CACHE_KW: cache}
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep, **{_CACHE_KW: cache}
     )
-    return out.logits[:, -keep:], getattr(out, CACHE_KW)
+    return out.logits[:, -keep:], getattr(out, _CACHE_KW)
 
 
 class Proposer:
@@ -43,6 +43,10 @@ class Proposer:
     Same rules, in generate's order: ``min_new_tokens`` (EOS masked), then temperature, top-k,
     top-p (transformers' own warpers); greedy when ``do_sample`` is false. ``min_new_tokens`` is
     counted per row, because rows of a speculative decode advance at different rates.
+
+    Args:
+        generate_kwargs: `Sampling.generate_kwargs` (options it does not implement are refused).
+        eos_token_id: the id, or ids, that end a response.
     """
 
     def __init__(self, generate_kwargs: dict, eos_token_id):
@@ -85,13 +89,9 @@ class Proposer:
         return torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
 
 
-def top_p_mask(logp: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Boolean mask of the smallest set of tokens whose mass reaches ``top_p`` (at least one)."""
-    return top_p_support(logp.exp(), top_p)
-
-
 def top_p_support(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """`top_p_mask` from probabilities (a decode has them already)."""
+    """Boolean mask of the smallest set of most likely tokens whose mass reaches ``top_p`` (at
+    least one), from probabilities: the student's support of a restricted draw."""
     sorted_p, order = probs.sort(-1, descending=True)
     # Keep a token while the mass *before* it is below top_p: the first token always (0 < top_p).
     keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p

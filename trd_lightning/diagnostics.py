@@ -39,34 +39,35 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from trd_lightning.losses import kl_per_position, upcast
+
 CRITERIA = ("prob", "top_p")
+#: The t* criteria under both spellings: `PrefixSpliceReviser` (YAML) says ``teacher_prob`` /
+#: ``teacher_top_p``, the diagnostics and the audit ``prob`` / ``top_p``; one rule each (`disowned`).
+T_STAR_RULES = {"teacher_prob": "prob", "prob": "prob", "teacher_top_p": "top_p", "top_p": "top_p"}
+
+
+def disowned(teacher_logp: torch.Tensor, tokens: torch.Tensor, criterion: str, threshold: float, top_p: float) -> torch.Tensor:
+    """The t* rule: whether the teacher disowns each token (``teacher_logp``: float log-probs
+    ``[..., V]``, ``tokens``: ``[...]``). ``prob``: the token's probability is below ``threshold``;
+    ``top_p``: the token lies outside the teacher's top-p set, i.e. the tokens strictly more likely
+    than it already hold ``top_p`` of the mass (no sort, and ties are treated alike)."""
+    token_logp = teacher_logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    if T_STAR_RULES[criterion] == "prob":
+        return token_logp.exp() < threshold
+    probs = teacher_logp.exp()
+    mass_above = torch.where(probs > token_logp.exp().unsqueeze(-1), probs, 0.0).sum(-1)
+    return mass_above >= top_p
 
 
 # --- per-position statistics (no mask: every position is computed) -----------------------------
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    # bf16 log-softmax is too coarse for KL differences of small probabilities.
-    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = log_probs(logits)
-    return -(logp.exp() * logp).sum(-1)
+    # bf16 log-softmax is too coarse for KL differences of small probabilities (the losses' upcast).
+    return F.log_softmax(upcast(logits), dim=-1)
 
 
 def token_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return log_probs(logits).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
-
-
-def forward_kl_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """``KL(q_teacher || p_student)`` at every position."""
-    logp, logq = log_probs(student_logits), log_probs(teacher_logits)
-    return (logq.exp() * (logq - logp)).sum(-1)
-
-
-def reverse_kl_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """``KL(p_student || q_teacher)`` at every position."""
-    logp, logq = log_probs(student_logits), log_probs(teacher_logits)
-    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def top2(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,11 +78,11 @@ def top2(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return probs[..., 0], probs[..., 1], ids[..., 0], ids[..., 1]
 
 
-def starts_onset(tokens: torch.Tensor, mask: torch.Tensor, single_ids: torch.Tensor, multi) -> torch.Tensor:
+def _starts_onset(tokens: torch.Tensor, mask: torch.Tensor, single_ids: torch.Tensor, multi) -> torch.Tensor:
     """[B, N]: where the rollout itself starts a correction (an onset token, or a whole sequence)."""
     hit = torch.isin(tokens, single_ids)
     for sequence in multi:
-        hit = hit | starts_sequence(tokens, mask, sequence)
+        hit = hit | _starts_sequence(tokens, mask, sequence)
     return hit
 
 
@@ -112,14 +113,6 @@ def continue_mass(logits: torch.Tensor, tokens: torch.Tensor, onset_ids: Sequenc
     return torch.where(torch.isin(tokens, ids), 0.0, prob)
 
 
-def in_top_p(logits: torch.Tensor, tokens: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Whether each token lies in the teacher's top-p (nucleus) set."""
-    probs = log_probs(logits).exp()
-    p_tok = probs.gather(-1, tokens.long().unsqueeze(-1))
-    mass_above = torch.where(probs > p_tok, probs, 0.0).sum(-1)
-    return mass_above < top_p
-
-
 def first_failure(
     teacher_logits: torch.Tensor,
     response_ids: torch.Tensor,
@@ -131,14 +124,10 @@ def first_failure(
 ) -> torch.Tensor:
     """``t*`` per row ``[B]`` (long): the first masked position the teacher rejects, ``-1`` if none."""
     check_criterion(criterion, threshold, top_p)
-    if criterion == "prob":
-        failed = token_logprob(teacher_logits, response_ids).exp() < threshold
-    else:
-        failed = ~in_top_p(teacher_logits, response_ids, top_p)
-    return first_true(failed & mask.bool())
+    return _first_true(disowned(log_probs(teacher_logits), response_ids, criterion, threshold, top_p) & mask.bool())
 
 
-def first_true(flags: torch.Tensor) -> torch.Tensor:
+def _first_true(flags: torch.Tensor) -> torch.Tensor:
     """Index of the first True of each row, ``-1`` for rows without one."""
     if flags.shape[-1] == 0:
         return torch.full(flags.shape[:-1], -1, dtype=torch.long, device=flags.device)
@@ -202,7 +191,7 @@ class RolloutDiagnostics:
         return RolloutDiagnostics(**out)
 
 
-def check_inputs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor) -> None:
+def _check_inputs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor) -> None:
     if teacher_logits.dim() != 3:
         raise ValueError(f"logits must be [B, N, V], got teacher shape {tuple(teacher_logits.shape)}")
     if student_logits.shape != teacher_logits.shape:
@@ -225,7 +214,7 @@ def check_inputs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, res
 
 def check_criterion(criterion: str, threshold: float, top_p: float) -> None:
     """Raise on a bad ``t*`` setting."""
-    if criterion not in CRITERIA:
+    if criterion not in T_STAR_RULES:
         raise ValueError(f"unknown t* criterion {criterion!r}; choose one of {CRITERIA}")
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
@@ -254,7 +243,7 @@ def rollout_diagnostics(
     ``teacher_logits``, the rest from ``onset_continuations[sequence]`` ([B, N] log-probabilities,
     `trd_lightning.audit.onset_continuation_logprob`), which need more teacher forwards.
     """
-    check_inputs(student_logits, teacher_logits, response_ids, mask)
+    _check_inputs(student_logits, teacher_logits, response_ids, mask)
     check_criterion(criterion, threshold, top_p)
     vocab = teacher_logits.shape[-1]
     single, multi = split_onsets(torch.as_tensor(onset_ids).tolist() if torch.is_tensor(onset_ids) else onset_ids)
@@ -274,11 +263,7 @@ def rollout_diagnostics(
     q, p = logq.exp(), logp.exp()
     q_tok = logq.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     top_probs, top_ids = q.topk(min(max(top_k, 2), vocab), dim=-1)
-    if criterion == "prob":
-        failed = q_tok.exp() < threshold
-    else:
-        mass_above = torch.where(q > q_tok.exp().unsqueeze(-1), q, 0.0).sum(-1)
-        failed = mass_above >= top_p
+    failed = disowned(logq, tokens, criterion, threshold, top_p)
 
     def masked(x: torch.Tensor) -> torch.Tensor:
         return torch.where(mask, x, float("nan"))
@@ -287,8 +272,8 @@ def rollout_diagnostics(
         teacher_entropy=masked(-(q * logq).sum(-1)),
         student_entropy=masked(-(p * logp).sum(-1)),
         teacher_logprob=masked(q_tok),
-        forward_kl=masked((q * (logq - logp)).sum(-1)),
-        reverse_kl=masked((p * (logp - logq)).sum(-1)),
+        forward_kl=masked(kl_per_position(logq, logp)),
+        reverse_kl=masked(kl_per_position(logp, logq)),
         top1_prob=masked(top_probs[..., 0]),
         top2_prob=masked(top_probs[..., 1]),
         bimodality=masked(2 * top_probs[..., 1]),
@@ -296,8 +281,8 @@ def rollout_diagnostics(
             q.index_select(-1, single_ids).sum(-1)
             + sum((q[..., s[0]] * onset_continuations[s].to(q.device).exp() for s in multi), torch.zeros_like(q_tok))
         ),
-        continue_mass=masked(torch.where(starts_onset(tokens, mask, single_ids, multi), 0.0, q_tok.exp())),
-        t_star=first_true(failed & mask),
+        continue_mass=masked(torch.where(_starts_onset(tokens, mask, single_ids, multi), 0.0, q_tok.exp())),
+        t_star=_first_true(failed & mask),
         topk_ids=top_ids[..., :top_k],
         topk_probs=top_probs[..., :top_k],
         mask=mask,
@@ -392,7 +377,7 @@ def split_onsets(onsets) -> tuple[list[int], list[tuple[int, ...]]]:
     return single, multi
 
 
-def starts_sequence(tokens: torch.Tensor, mask: torch.Tensor, sequence: tuple[int, ...]) -> torch.Tensor:
+def _starts_sequence(tokens: torch.Tensor, mask: torch.Tensor, sequence: tuple[int, ...]) -> torch.Tensor:
     """[B, N]: where the response itself continues with ``sequence`` (all of it inside the response)."""
     b, n = tokens.shape
     m = len(sequence)

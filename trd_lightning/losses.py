@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,8 @@ def _check_shapes(student_logits, teacher_logits, mask, tokens=None) -> None:
         )
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 before a log-softmax (the diagnostics use it too)."""
     # bf16/fp16 log_softmax loses too much precision in KL differences; keep float64 as is
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -52,8 +53,8 @@ def _log_probs(student_logits, teacher_logits, mask, temperature):
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     keep = mask.bool().unsqueeze(-1)
-    s = torch.where(keep, _upcast(student_logits), 0.0) / temperature
-    t = torch.where(keep, _upcast(teacher_logits), 0.0) / temperature
+    s = torch.where(keep, upcast(student_logits), 0.0) / temperature
+    t = torch.where(keep, upcast(teacher_logits), 0.0) / temperature
     return F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
 
 
@@ -65,21 +66,21 @@ def _masked_mean(per_pos: torch.Tensor, mask: torch.Tensor, clip: float | None =
     return torch.where(m, per_pos, 0.0).sum() / m.sum().clamp(min=1)
 
 
-def _kl(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) over the last dim."""
+def kl_per_position(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) over the last dim, from log-probabilities (every position; the losses mask it)."""
     return (logp_a.exp() * (logp_a - logp_b)).sum(-1)
 
 
 def forward_kl(student_logits, teacher_logits, mask, *, temperature=1.0, clip=None):
     """Mean over masked positions of KL(q_teacher || p_student) (mode-covering)."""
     logp, logq = _log_probs(student_logits, teacher_logits, mask, temperature)
-    return _masked_mean(_kl(logq, logp), mask, clip)
+    return _masked_mean(kl_per_position(logq, logp), mask, clip)
 
 
 def reverse_kl(student_logits, teacher_logits, mask, *, temperature=1.0, clip=None):
     """Mean over masked positions of KL(p_student || q_teacher) (mode-seeking)."""
     logp, logq = _log_probs(student_logits, teacher_logits, mask, temperature)
-    return _masked_mean(_kl(logp, logq), mask, clip)
+    return _masked_mean(kl_per_position(logp, logq), mask, clip)
 
 
 def generalized_jsd(student_logits, teacher_logits, mask, *, beta=0.5, temperature=1.0, clip=None):
@@ -93,15 +94,15 @@ def generalized_jsd(student_logits, teacher_logits, mask, *, beta=0.5, temperatu
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     logp, logq = _log_probs(student_logits, teacher_logits, mask, temperature)
     if beta == 0.0:
-        per_pos = _kl(logq, logp)
+        per_pos = kl_per_position(logq, logp)
     elif beta == 1.0:
-        per_pos = _kl(logp, logq)
+        per_pos = kl_per_position(logp, logq)
     else:
         # mixture in log space: avoids log(0) underflow for tokens one model never predicts
         logm = torch.logsumexp(
             torch.stack([logp + math.log(1.0 - beta), logq + math.log(beta)]), dim=0
         )
-        per_pos = beta * _kl(logq, logm) + (1.0 - beta) * _kl(logp, logm)
+        per_pos = beta * kl_per_position(logq, logm) + (1.0 - beta) * kl_per_position(logp, logm)
     return _masked_mean(per_pos, mask, clip)
 
 
@@ -114,12 +115,12 @@ def topk_reverse_kl(student_logits, teacher_logits, mask, *, k=32, temperature=1
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     keep = mask.bool().unsqueeze(-1)
-    s = torch.where(keep, _upcast(student_logits), 0.0) / temperature
-    t = torch.where(keep, _upcast(teacher_logits), 0.0) / temperature
+    s = torch.where(keep, upcast(student_logits), 0.0) / temperature
+    t = torch.where(keep, upcast(teacher_logits), 0.0) / temperature
     ids = t.topk(min(k, t.shape[-1]), dim=-1).indices
     logp = F.log_softmax(s.gather(-1, ids), dim=-1)
     logq = F.log_softmax(t.gather(-1, ids), dim=-1)
-    return _masked_mean(_kl(logp, logq), mask, clip)
+    return _masked_mean(kl_per_position(logp, logq), mask, clip)
 
 
 def _token_log_probs(student_logits, teacher_logits, tokens, mask, estimator):
@@ -174,10 +175,13 @@ def cross_entropy(student_logits, teacher_logits, tokens, mask):
     teacher's logits are not used; `DistillationModule` skips the teacher forward for this loss."""
     _check_shapes(student_logits, teacher_logits, mask, tokens)
     keep = mask.bool()
-    logp = F.log_softmax(torch.where(keep.unsqueeze(-1), _upcast(student_logits), 0.0), dim=-1)
+    logp = F.log_softmax(torch.where(keep.unsqueeze(-1), upcast(student_logits), 0.0), dim=-1)
     idx = torch.where(keep, tokens.long(), 0).unsqueeze(-1)
     return _masked_mean(-logp.gather(-1, idx).squeeze(-1), mask)
 
+
+#: The loss names (YAML ``model.init_args.loss``); jsonargparse lists them in ``--help``.
+LossName = Literal["reverse_kl", "forward_kl", "generalized_jsd", "topk_reverse_kl", "k1", "k3", "cross_entropy"]
 
 LOSSES: dict[str, Callable] = {
     "forward_kl": forward_kl,
@@ -188,6 +192,7 @@ LOSSES: dict[str, Callable] = {
     "k3": k3_surrogate,
     "cross_entropy": cross_entropy,
 }
+assert set(LOSSES) == set(get_args(LossName)), "LossName and LOSSES must name the same losses"
 _NEEDS_TOKENS = {"k1", "k3", "cross_entropy"}
 # Losses that read only the student: the training step need not run the teacher for them.
 TEACHER_FREE = {"cross_entropy"}

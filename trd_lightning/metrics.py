@@ -67,6 +67,11 @@ class PassAtK(Metric):
     repetition does not bias the synchronised result; rows with id -1 are always distinct.
     Returns ``{"avg@{n}" | "avg": ..., "pass@{k}": ...}`` as float64 scalars; with no
     updates every value is NaN.
+
+    Args:
+        ks: the k of each pass@k.
+        num_samples: samples per problem, if fixed (names the metric ``avg@{n}``; else ``avg``).
+        kwargs: torchmetrics' own ``Metric`` arguments (e.g. ``dist_sync_on_step``).
     """
 
     higher_is_better = True
@@ -163,6 +168,9 @@ class DerivationCoverage(Metric):
     rows sharing a non-negative id count once, as in `PassAtK`. ``compute`` returns
     ``derivations`` (mean distinct derivations per problem), ``derivation_coverage`` (mean of
     distinct / available) and ``derivations_available`` (mean available), float64.
+
+    Args:
+        kwargs: torchmetrics' own ``Metric`` arguments (e.g. ``dist_sync_on_step``).
     """
 
     higher_is_better = True

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from trd_lightning.engines import make_engine
 from trd_lightning.lora import apply_lora, is_lora, trainable_parameter_names
-from trd_lightning.losses import LOSSES, TEACHER_FREE, compute_loss
+from trd_lightning.losses import LOSSES, TEACHER_FREE, LossName, compute_loss
 from trd_lightning.models import (
     check_compatible,
     check_model_matches_tokenizer,
@@ -41,6 +41,7 @@ from trd_lightning.rollout import (
     Sampling,
     build_context,
     decode_responses,
+    decode_and_verify,
     encode_prompts,
     eval_mode,
     response_logits,
@@ -58,7 +59,7 @@ torch.serialization.add_safe_globals([Sampling])
 _HALF_DTYPES = ("bfloat16", "float16")
 
 
-def half_precision_weights_message(setting: str) -> str:
+def _half_precision_weights_message(setting: str) -> str:
     """Why the student's trained weights must stay in float32, and the fix."""
     return (
         f"{setting} trains the student's weights themselves in half precision: an update smaller than the "
@@ -67,9 +68,6 @@ def half_precision_weights_message(setting: str) -> str:
         "float32) and set trainer.precision: bf16-mixed; or train LoRA adapters (student_lora), whose weights "
         "peft keeps in float32 over a half-precision base"
     )
-
-
-LossName = Literal["reverse_kl", "forward_kl", "generalized_jsd", "topk_reverse_kl", "k1", "k3", "cross_entropy"]
 
 
 class DistillationModule(LightningModule):
@@ -142,7 +140,7 @@ class DistillationModule(LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
 
         if student_dtype in _HALF_DTYPES and not student_lora:
-            raise ValueError(half_precision_weights_message(f"student_dtype: {student_dtype}"))
+            raise ValueError(_half_precision_weights_message(f"student_dtype: {student_dtype}"))
         # Everything that can fail on bad input runs here, before a single forward pass.
         self._tokenizer = load_tokenizer(student, role="student")
         self._check_loss_kwargs()
@@ -173,9 +171,9 @@ class DistillationModule(LightningModule):
         self.skipped_nonfinite = 0  # training state: checkpointed
         self._discard_grads = False
         self._rng_to_restore: dict | None = None
-        # Set by TrajectoryRevision for a reviser that revises while sampling (a fused
-        # PrefixSpliceReviser): training rollouts then come from it, not from generate.
-        self.fused_reviser = None
+        # Plugged in by TrajectoryRevision (set_rollout_reviser) for a reviser that revises while
+        # sampling (a fused PrefixSpliceReviser): training rollouts then come from it.
+        self._rollout_reviser = None
 
     # --- protocol (see trd_lightning.protocol) --------------------------------------------------
     @property
@@ -190,6 +188,23 @@ class DistillationModule(LightningModule):
                 raise RuntimeError("no task: pass task= to the module or fit with a PromptDataModule")
             self._task = dm.task
         return self._task
+
+    @property
+    def teacher_is_training_state(self) -> bool:
+        # An EMA teacher is training state (checkpointed, updated each step, sharded like the
+        # student); a frozen teacher is rebuilt from its path.
+        return self.mode == "opsd" and self.opsd_teacher == "ema"
+
+    @property
+    def rollout_reviser(self):
+        return self._rollout_reviser
+
+    def set_rollout_reviser(self, reviser) -> None:
+        self._rollout_reviser = reviser
+
+    def synced_gpus(self) -> bool:
+        # Sharded generation: every rank must keep stepping until all ranks finish.
+        return self._trainer is not None and self.trainer.world_size > 1
 
     def model_for(self, role: str) -> torch.nn.Module:
         if role == "student":
@@ -214,7 +229,7 @@ class DistillationModule(LightningModule):
                 mask,
                 sampling or self.sampling,
                 num_return_sequences=num_return_sequences,
-                synced_gpus=self._synced_gpus() and not local,
+                synced_gpus=self.synced_gpus() and not local,
                 stop_ids=self.stop_ids,
             )
 
@@ -231,10 +246,10 @@ class DistillationModule(LightningModule):
     def make_rollout(self, problems: list) -> Rollout:
         """Sample ``y_o`` from the current student and lay out the student and teacher contexts.
 
-        In training with a fused reviser attached, the rollout is sampled and revised in one decode.
+        In training with a `rollout_reviser` plugged in, the rollout is sampled and revised in one decode.
         """
-        if self.fused_reviser is not None and self._trainer is not None and self.trainer.training:
-            return self.fused_reviser.sample_revised(self, problems)
+        if self._rollout_reviser is not None and self._trainer is not None and self.trainer.training:
+            return self._rollout_reviser.sample_revised(self, problems)
         start = time.perf_counter()
         student_prompts = [self.task.student_prompt(p) for p in problems]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, student_prompts, self.device, self.max_prompt_length)
@@ -243,7 +258,7 @@ class DistillationModule(LightningModule):
             with rollout_weights(self, ("student",)) as local:  # FSDP2: gather once, if the strategy says so
                 response, mask = self.engine.generate(
                     self.student, self.tokenizer, prompt_ids, prompt_mask, self.sampling,
-                    synced_gpus=self._synced_gpus() and not local, stop_ids=self.stop_ids,
+                    synced_gpus=self.synced_gpus() and not local, stop_ids=self.stop_ids,
                 )
         except RuntimeError as err:
             # Diverged weights give a finite loss one step and NaN logits the next: the raw
@@ -257,11 +272,10 @@ class DistillationModule(LightningModule):
         teacher = student if teacher_prompts == student_prompts else build_context(
             self.tokenizer, teacher_prompts, response, mask, self.max_prompt_length
         )
-        return Rollout(list(problems), response, mask, student, teacher, {"seconds": time.perf_counter() - start})
+        return Rollout(list(problems), response, mask, student, teacher, seconds=time.perf_counter() - start)
 
     def rollout_correct(self, rollout: Rollout) -> torch.Tensor:
-        texts = decode_responses(self.tokenizer, rollout.response_ids, rollout.response_mask)
-        return torch.tensor([self.task.verify(p, t) for p, t in zip(rollout.problems, texts)], dtype=torch.float)
+        return torch.tensor(decode_and_verify(self.task, self.tokenizer, rollout.problems, rollout)[1], dtype=torch.float)
 
     # --- steps ------------------------------------------------------------------------------
     def distillation_loss(self, rollout: Rollout) -> torch.Tensor:
@@ -287,10 +301,10 @@ class DistillationModule(LightningModule):
         self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/response_tokens", rollout.lengths.float().mean(), batch_size=bs)
-        sampled = rollout.info.get("original", rollout)  # a two-pass reviser's y_o holds the sampling time
-        if sampled.info.get("seconds"):
+        sampled = rollout.original or rollout  # a two-pass reviser's y_o holds the sampling time
+        if sampled.seconds:
             tokens = float(sampled.lengths.sum())
-            self.log("train/rollout_tokens_per_s", tokens / sampled.info["seconds"], prog_bar=True, batch_size=bs)
+            self.log("train/rollout_tokens_per_s", tokens / sampled.seconds, prog_bar=True, batch_size=bs)
         return loss
 
     #: Base seed of evaluation rollouts (see `_eval_step`).
@@ -319,15 +333,15 @@ class DistillationModule(LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         prompts = [self.task.student_prompt(p) for p in batch["problems"]]
         ids, mask = self.sample(prompts)
-        texts = decode_responses(self.tokenizer, ids, mask)
+        texts, verdicts = decode_and_verify(self.task, self.tokenizer, batch["problems"], (ids, mask))
         return [
             # A plain record, not the task's object: Lightning walks (and rebuilds) what predict returns.
-            {"problem": problem_record(p), "prompt": q, "response": r, "verified": bool(self.task.verify(p, r))}
-            for p, q, r in zip(batch["problems"], prompts, texts)
+            {"problem": problem_record(p), "prompt": q, "response": r, "verified": ok}
+            for p, q, r, ok in zip(batch["problems"], prompts, texts, verdicts)
         ]
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.mode == "opsd" and self.opsd_teacher == "ema":
+        if self.teacher_is_training_state:
             with torch.no_grad():
                 t = [p for p in self.teacher.parameters()]
                 s = [p.detach() for p in self.student.parameters()]
@@ -341,10 +355,6 @@ class DistillationModule(LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
-    def _teacher_in_checkpoint(self) -> bool:
-        # An EMA teacher is training state (needed to resume); a frozen teacher is rebuilt from its path.
-        return self.mode == "opsd" and self.opsd_teacher == "ema"
-
     def _checkpoint_filter(self):
         """Which state_dict keys are saved: what is rebuilt from a path (a frozen teacher, the
         frozen base weights under LoRA) is left out; with LoRA only the adapters are kept."""
@@ -352,7 +362,7 @@ class DistillationModule(LightningModule):
 
         def keep(key: str) -> bool:
             role, _, name = key.partition(".")
-            if role == "teacher" and not self._teacher_in_checkpoint():
+            if role == "teacher" and not self.teacher_is_training_state:
                 return False
             if role in ("student", "teacher") and adapters is not None:
                 return name in adapters
@@ -493,7 +503,7 @@ class DistillationModule(LightningModule):
     def setup(self, stage: str) -> None:
         precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
         if stage == "fit" and precision in ("bf16-true", "16-true", "bf16", "16") and not is_lora(self.student):
-            raise ValueError(half_precision_weights_message(f"trainer.precision: {precision}"))
+            raise ValueError(_half_precision_weights_message(f"trainer.precision: {precision}"))
         # Before any compute: every prompt the run will encode must fit its budget, since prompts
         # are never cut (see `encode_prompts`), and a prompt past the positions would crash inside
         # generate (absolute positions) or run past what the model was trained for.
@@ -545,10 +555,6 @@ class DistillationModule(LightningModule):
                     )
             else:
                 self._check_fits(lengths[longest], where, "set max_prompt_length and remove longer problems, or lower sampling.max_new_tokens,")
-
-    def _synced_gpus(self) -> bool:
-        # Sharded generation: every rank must keep stepping until all ranks finish.
-        return self._trainer is not None and self.trainer.world_size > 1
 
     def _check_loss_kwargs(self) -> None:
         """Fail on a misspelled loss argument now, not after the first rollout."""

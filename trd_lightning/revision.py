@@ -23,17 +23,18 @@ from typing import Literal
 
 import torch
 
-from trd_lightning.decoding import Proposer, top_p_mask
-from trd_lightning.engines import HFEngine
+from trd_lightning.decoding import Proposer
+from trd_lightning.diagnostics import disowned
 from trd_lightning.models import check_compatible, load_causal_lm, load_tokenizer, position_limit
+from trd_lightning.protocol import RolloutModel
 from trd_lightning.rollout import (
     Context,
     Rollout,
     Sampling,
-    build_context,
-    decode_responses,
     encode_prompts,
     left_pad,
+    make_rollout_from_rows,
+    decode_and_verify,
 )
 from trd_lightning.splice_decode import SpliceDecode
 
@@ -41,9 +42,16 @@ Refine = Literal["all", "failed"]
 
 
 class Reviser(ABC):
-    """Maps a rollout to a revised one. ``revise`` must not change ``rollout`` in place."""
+    """Maps a rollout to a revised one. ``revise`` must not change ``rollout`` in place.
+
+    Args:
+        (none here: the subclasses' own, e.g. `PrefixSpliceReviser`, `RewriteReviser`)
+    """
 
     refine: Refine = "all"
+    #: Revises while sampling (implements `trd_lightning.protocol.FusedReviser`): `TrajectoryRevision`
+    #: then plugs it into the module's ``make_rollout`` instead of calling ``revise``.
+    fused: bool = False
 
     def setup(self, module) -> None:
         """Called once before training (load extra models, check compatibility)."""
@@ -53,34 +61,26 @@ class Reviser(ABC):
 
 
 def assemble_rollout(
-    module,
+    module: RolloutModel,
     problems: list,
     responses: list[torch.Tensor],
     teacher_prompts: list[str],
-    info: dict | None = None,
+    stats: dict[str, float] | None = None,
+    **fields,
 ) -> Rollout:
-    """A rollout from per-row responses (1-D, EOS included) and per-row teacher contexts."""
-    tok = module.tokenizer
-    width = max(1, max(len(r) for r in responses))
-    device = responses[0].device if responses else module.device
-    lengths = torch.tensor([len(r) for r in responses], device=device)
-    # One masked write (True cells enumerate row by row, as the rows are concatenated).
-    mask = torch.arange(width, device=device) < lengths.unsqueeze(1)
-    ids = torch.full((len(responses), width), tok.pad_token_id, dtype=torch.long, device=device)
-    if responses and int(lengths.sum()):
-        ids[mask] = torch.cat(responses).to(device=device, dtype=torch.long)
-    student = build_context(tok, [module.task.student_prompt(p) for p in problems], ids, mask, module.max_prompt_length)
-    # The teacher's prompts are checked where they are made: c_r against the reviser's budget
-    # (`refinement_contexts`), the plain ones against max_prompt_length before the run.
-    teacher = build_context(tok, teacher_prompts, ids, mask)
-    return Rollout(list(problems), ids, mask, student, teacher, dict(info or {}))
+    """A rollout of ``module``'s task from per-row responses (1-D, EOS included) and per-row
+    teacher contexts (see `make_rollout_from_rows`); ``stats`` and ``fields``: its typed fields."""
+    return make_rollout_from_rows(
+        module.tokenizer, problems, responses, [module.task.student_prompt(p) for p in problems], teacher_prompts,
+        max_prompt_length=module.max_prompt_length, device=module.device, stats=dict(stats or {}), **fields,
+    )
 
 
 def rows(rollout: Rollout) -> list[torch.Tensor]:
     return [ids[m] for ids, m in zip(rollout.response_ids, rollout.response_mask)]
 
 
-def first_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+def _first_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     """Per row, the first position where two token sequences differ (``-1`` if identical)."""
     out = []
     for x, y in zip(a, b):
@@ -92,9 +92,8 @@ def first_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tens
 
 def revision_stats(module, original: Rollout, revised_rows: torch.Tensor, t_star: torch.Tensor, new: list[torch.Tensor]) -> dict:
     """What the callback logs: how much was revised and whether revision fixed or broke answers."""
-    task, tok = module.task, module.tokenizer
-    before = [task.verify(p, t) for p, t in zip(original.problems, decode_responses(tok, original.response_ids, original.response_mask))]
-    after = [task.verify(p, t) for p, t in zip(original.problems, tok.batch_decode([r.tolist() for r in new], skip_special_tokens=True))]
+    before = decode_and_verify(module.task, module.tokenizer, original.problems, original)[1]
+    after = decode_and_verify(module.task, module.tokenizer, original.problems, new)[1]
     before_t, after_t = torch.tensor(before, dtype=torch.float), torch.tensor(after, dtype=torch.float)
     revised = revised_rows.float()
     return {
@@ -109,7 +108,7 @@ def revision_stats(module, original: Rollout, revised_rows: torch.Tensor, t_star
     }
 
 
-def refinement_contexts(task, tokenizer, problems: list, attempts: list[torch.Tensor], privileged: bool, limit: int | None):
+def _refinement_contexts(task, tokenizer, problems: list, attempts: list[torch.Tensor], privileged: bool, limit: int | None):
     """The refinement contexts ``c_r`` of ``problems``, each within ``limit`` tokens.
 
     ``c_r`` always holds the whole problem (and, when privileged, the reference): only the attempt
@@ -164,7 +163,7 @@ class RewriteReviser(Reviser):
             teacher's position limit minus ``max_new_tokens``. A longer ``c_r`` keeps the whole
             problem (and reference) and drops the attempt's last tokens, as few as needed, counted
             in ``revision/attempts_cut`` and ``revision/attempt_tokens_cut``; a problem that does
-            not fit even without its attempt is an error (see `refinement_contexts`).
+            not fit even without its attempt is an error (see `_refinement_contexts`).
         verified: replace each rewrite that the task's verifier fails by the rollout ``y_o``
             itself, scored by the teacher under its ordinary context (``x``; ``(x, y*)`` in OPSD),
             so a broken rewrite is never a target. Unlike ``refine="failed"`` (which the paper
@@ -204,7 +203,7 @@ class RewriteReviser(Reviser):
             self._refiner = load_causal_lm(self.refiner_path, trainable=False).to(module.device)
 
     def _privileged(self, module) -> bool:
-        return self.privileged if self.privileged is not None else getattr(module, "mode", "opd") == "opsd"
+        return self.privileged if self.privileged is not None else module.mode == "opsd"
 
     def _limit(self, module, sampling: Sampling) -> int | None:
         """Tokens ``c_r`` may take: the refiner writes ``y_r`` after it and the teacher scores
@@ -217,14 +216,13 @@ class RewriteReviser(Reviser):
 
     def revise(self, module, rollout: Rollout) -> Rollout:
         task, tok = module.task, module.tokenizer
-        texts = decode_responses(tok, rollout.response_ids, rollout.response_mask)
-        selected = [self.refine == "all" or not task.verify(p, t) for p, t in zip(rollout.problems, texts)]
-        privileged = self._privileged(module)
-        sampling = self.sampling or getattr(module, "sampling", None) or Sampling()
         originals = rows(rollout)
+        selected = [self.refine == "all" or not ok for ok in decode_and_verify(task, tok, rollout.problems, originals)[1]]
+        privileged = self._privileged(module)
+        sampling = self.sampling or module.sampling
         new, teacher_prompts = list(originals), [module.teacher_prompt(p) for p in rollout.problems]
         picked = [i for i, s in enumerate(selected) if s]
-        synced = bool(getattr(module, "_synced_gpus", lambda: False)())
+        synced = module.synced_gpus()
         # Under sharding every rank must join each generate call: a rank with nothing to refine
         # refines its first rollout anyway and throws the result away.
         dummy = not picked and synced and bool(originals)
@@ -232,7 +230,7 @@ class RewriteReviser(Reviser):
             if dummy:
                 picked = [0]
             limit = self._limit(module, sampling)
-            prompts, cut = refinement_contexts(
+            prompts, cut = _refinement_contexts(
                 task, tok, [rollout.problems[i] for i in picked], [originals[i] for i in picked], privileged, limit
             )
             if cut["rows"] and not self._warned_cut:
@@ -244,8 +242,7 @@ class RewriteReviser(Reviser):
                     stacklevel=2,
                 )
             refiner_logits = None
-            # The module's rollout engine writes y_r too (a protocol-only module: generate).
-            engine = getattr(module, "engine", None) or HFEngine()
+            engine = module.engine  # the module's rollout engine writes y_r too
             if self._refiner is not None:
                 ids, mask = encode_prompts(tok, prompts, module.device)
                 out, out_mask = engine.generate(self._refiner, tok, ids, mask, sampling, stop_ids=module.stop_ids)
@@ -263,14 +260,14 @@ class RewriteReviser(Reviser):
                 new[i] = out[j][out_mask[j]]
                 teacher_prompts[i] = prompts[j]  # the teacher scores y_r under c_r
         revised_rows = torch.tensor(selected)
-        t_star = first_difference(originals, new)
+        t_star = _first_difference(originals, new)
         t_star[~revised_rows] = -1
-        info = revision_stats(module, rollout, revised_rows, t_star, new)
-        info["revision_tokens"] = int(out.numel()) if picked and not dummy else 0  # what the refiner decoded
+        stats = revision_stats(module, rollout, revised_rows, t_star, new)
+        stats["revision_tokens"] = int(out.numel()) if picked and not dummy else 0  # what the refiner decoded
         # The stated rule for a c_r over budget: the attempt's last tokens go (counted here).
-        info["attempts_cut"] = 0 if dummy or not picked else cut["rows"]
-        info["attempt_tokens_cut"] = 0 if dummy or not picked else cut["tokens"]
-        revised = assemble_rollout(module, rollout.problems, new, teacher_prompts, info)
+        stats["attempts_cut"] = 0 if dummy or not picked else cut["rows"]
+        stats["attempt_tokens_cut"] = 0 if dummy or not picked else cut["tokens"]
+        revised = assemble_rollout(module, rollout.problems, new, teacher_prompts, stats)
         if picked and not dummy and refiner_logits is not None:
             revised = revised.replace(teacher_logits=refiner_logits)
         return self._apply_options(module, rollout, revised, selected, teacher_prompts)
@@ -280,32 +277,29 @@ class RewriteReviser(Reviser):
         ``selected``: the rows `revise` rewrote; ``teacher_prompts``: their ``c_r`` (others: ``x``)."""
         if not self.verified and self.target_context == "refinement":
             return revised
-        task, tok = module.task, module.tokenizer
         originals, new = rows(rollout), rows(revised)
-        texts_r = decode_responses(tok, revised.response_ids, revised.response_mask)
         plain = [module.teacher_prompt(p) for p in rollout.problems]
         prompts = list(teacher_prompts) if self.target_context == "refinement" else list(plain)
-        ok = [task.verify(p, t) for p, t in zip(rollout.problems, texts_r)]
+        ok = decode_and_verify(module.task, module.tokenizer, rollout.problems, new)[1]
         rejected = [sel and not good for sel, good in zip(selected, ok)] if self.verified else [False] * len(new)
         for i, bad in enumerate(rejected):
             if bad:  # the failed rewrite is dropped: train on y_o under the teacher's ordinary context
                 new[i], prompts[i] = originals[i], plain[i]
         revised_rows = torch.tensor([sel and not bad for sel, bad in zip(selected, rejected)])
-        t_star = first_difference(originals, new)
+        t_star = _first_difference(originals, new)
         t_star[~revised_rows] = -1
-        info = revision_stats(module, rollout, revised_rows, t_star, new)
+        stats = revision_stats(module, rollout, revised_rows, t_star, new)
         n_selected = max(sum(selected), 1)
-        info["rewrite_accuracy"] = sum(g for g, sel in zip(ok, selected) if sel) / n_selected
-        info["rejected_rewrites"] = sum(rejected) / max(len(rejected), 1)
+        stats["rewrite_accuracy"] = sum(g for g, sel in zip(ok, selected) if sel) / n_selected
+        stats["rejected_rewrites"] = sum(rejected) / max(len(rejected), 1)
         for key in ("revision_tokens", "attempts_cut", "attempt_tokens_cut"):
-            info[key] = revised.info.get(key, 0)
+            stats[key] = revised.stats.get(key, 0)
         # The refiner's logits belonged to c_r and to the rewrites: the loss scores afresh.
-        return assemble_rollout(module, rollout.problems, new, prompts, info)
+        return assemble_rollout(module, rollout.problems, new, prompts, stats)
 
     @staticmethod
     def _refiner_is_teacher(module) -> bool:
-        model_for = getattr(module, "model_for", None)
-        return model_for is not None and model_for("refiner") is model_for("teacher")
+        return module.model_for("refiner") is module.model_for("teacher")
 
 
 class PrefixSpliceReviser(Reviser):
@@ -335,8 +329,8 @@ class PrefixSpliceReviser(Reviser):
       therefore decoded once, not sampled to the end and then partly decoded again, and the
       teacher logits the loss needs were computed along the way (no separate teacher forward). ``y_o`` past ``t*`` never exists, so the statistics that compare
       it with ``y_r`` (fail->pass, accuracy and length before) are not logged. Needs a module
-      that samples through `fused_reviser` (`DistillationModule` does; `TrajectoryRevision` wires
-      it) and falls back to the two-pass form elsewhere.
+      whose ``make_rollout`` honours ``set_rollout_reviser`` (the protocol; `TrajectoryRevision` plugs
+      it).
     * **two-pass** (``fused=False``, required by ``refine="failed"``, which must verify the
       finished ``y_o``): ``revise`` takes a finished rollout, scores it with the teacher for
       ``t*`` and decodes the continuations of the failed rows (batched, both KV caches). The
@@ -350,6 +344,25 @@ class PrefixSpliceReviser(Reviser):
     ``lookahead_acceptance``: when it is low, a smaller ``lookahead`` wastes fewer drafts. Rows
     that have finished leave the batch (and both KV caches) once a quarter of it has, so the
     forwards shrink as the rollouts end.
+
+    Args:
+        criterion: how ``t*`` is found: ``teacher_prob`` (the teacher's probability of the
+            student's token is below ``threshold``) or ``teacher_top_p`` (the token lies outside
+            the teacher's top-``teacher_top_p`` set).
+        threshold: the probability under which the teacher disowns a token (``teacher_prob``).
+        teacher_top_p: the teacher's nucleus mass (``teacher_top_p``).
+        student_top_p: from ``t*`` on, tokens are drawn from the teacher restricted to the
+            student's top-``student_top_p`` set (renormalised): the student's support.
+        temperature: the teacher's temperature in the restricted draws.
+        max_new_tokens: the length budget of ``y_r``; default: the module's sampling budget.
+        fallback: who draws when the restricted set holds under ``min_mass`` of the teacher's
+            mass: ``teacher`` (its unrestricted distribution) or ``student`` (its top-p set).
+        min_mass: the teacher mass on the student's set under which the fallback draws.
+        refine: ``all`` (every rollout can be spliced) or ``failed`` (only rollouts the task's
+            verifier fails; needs ``fused: false``).
+        fused: revise while sampling, in one decode (default: when ``refine`` is ``all``); false:
+            two-pass, which also logs the fail->pass statistics of the finished ``y_o``.
+        lookahead: tokens the student drafts per teacher forward (speculative; 1: every token).
     """
 
     def __init__(
@@ -398,16 +411,13 @@ class PrefixSpliceReviser(Reviser):
     def setup(self, module) -> None:
         # Sharded multi-process training (FSDP2, HSDP) needs no check here: the decode gathers the
         # weights once or runs rank-synchronised rounds (trd_lightning.splice_decode).
-        sampling = getattr(module, "sampling", None)
-        if self.fused and sampling is not None:
-            Proposer(sampling.generate_kwargs(), module.stop_ids)  # refuses what it cannot honour
+        if self.fused:
+            Proposer(module.sampling.generate_kwargs(), module.stop_ids)  # refuses what it cannot honour
 
     # --- the two decisions, shared by both forms ------------------------------------------------
     def disowned(self, teacher_logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Whether the teacher disowns each token (``teacher_logp``: [..., V], ``tokens``: [...])."""
-        if self.criterion == "teacher_prob":
-            return teacher_logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).exp() < self.threshold
-        return ~top_p_mask(teacher_logp, self.teacher_top_p).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        """Whether the teacher disowns each token: the t* rule (`trd_lightning.diagnostics.disowned`)."""
+        return disowned(teacher_logp, tokens, self.criterion, self.threshold, self.teacher_top_p)
 
     def first_failure(self, teacher_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``t*`` per row (``-1`` where no position fails), vectorised over the batch."""
@@ -416,15 +426,14 @@ class PrefixSpliceReviser(Reviser):
         return torch.where(failed.any(-1), first, torch.full_like(first, -1))
 
     def _budget(self, module) -> int:
-        return self.max_new_tokens or getattr(getattr(module, "sampling", None), "max_new_tokens", 48)
+        return self.max_new_tokens or module.sampling.max_new_tokens
 
     # --- fused: sample and revise in one decode -------------------------------------------------
     def sample_revised(self, module, problems: list) -> Rollout:
         """Sample ``y_r`` directly from the current student, revising each row at its ``t*``."""
         start = time.perf_counter()
         task, tok, device = module.task, module.tokenizer, module.device
-        limit = getattr(module, "max_prompt_length", None)
-        sampling = getattr(module, "sampling", None) or Sampling()
+        limit, sampling = module.max_prompt_length, module.sampling
         student_prompts = [task.student_prompt(p) for p in problems]
         teacher_prompts = [module.teacher_prompt(p) for p in problems]
         s_ids, s_mask = encode_prompts(tok, student_prompts, device, limit)
@@ -441,23 +450,21 @@ class PrefixSpliceReviser(Reviser):
         revised = t_star >= 0
         # Positions drawn from the restricted distribution: t* and after, up to each row's end.
         revised_positions = (torch.arange(block.shape[1], device=device) >= t_star.unsqueeze(1)) & revised.unsqueeze(1) & mask
-        texts = decode_responses(tok, block, mask)
-        correct = torch.tensor([task.verify(p, t) for p, t in zip(problems, texts)], dtype=torch.float)
-        info = {
-            "fused": True,
+        correct = torch.tensor(decode_and_verify(task, tok, problems, (block, mask))[1], dtype=torch.float)
+        logged = {
             "fraction_revised": revised.float().mean().item(),
             "t_star": t_star[revised].float().mean().item() if bool(revised.any()) else float("nan"),
-            "t_star_rows": t_star.cpu(),
             "accuracy_after": correct.mean().item(),
             "length_after": lengths.float().mean().item(),
             "fallback_rate": _fallback_rate(empty, revised_positions),
-            "decode_steps": block.shape[1],  # positions the batch was decoded over (rows that ended early ride along)
             "teacher_forwards": stats["rounds"],
             "lookahead_acceptance": stats["accepted"] / max(stats["drafted"], 1),
             "revision_tokens": int((lengths - t_star).clamp(min=0)[revised].sum()),
-            "seconds": time.perf_counter() - start,
         }
-        return Rollout(list(problems), block, mask, student_ctx, teacher_ctx, info, teacher_logits=teacher_logits)
+        return Rollout(
+            list(problems), block, mask, student_ctx, teacher_ctx, teacher_logits=teacher_logits, fused=True,
+            t_star=t_star.cpu(), stats=logged, decode_steps=block.shape[1], seconds=time.perf_counter() - start,
+        )
 
     def restricted_target(self, t_logits, t_logp, support, student_w, early_eos=None):
         """The restricted target ``p`` (unnormalised) and where its set was empty (the fallback drew
@@ -478,11 +485,10 @@ class PrefixSpliceReviser(Reviser):
         task, tok = module.task, module.tokenizer
         teacher_logits = module.score(rollout.teacher, role="teacher")
         t_star = self.first_failure(teacher_logits, rollout.response_ids, rollout.response_mask)
-        if self.refine == "failed":
-            texts = decode_responses(tok, rollout.response_ids, rollout.response_mask)
-            ok = torch.tensor([task.verify(p, t) for p, t in zip(rollout.problems, texts)], device=t_star.device)
-            t_star = torch.where(ok, torch.full_like(t_star, -1), t_star)
         originals = rows(rollout)
+        if self.refine == "failed":
+            ok = torch.tensor(decode_and_verify(task, tok, rollout.problems, originals)[1], device=t_star.device)
+            t_star = torch.where(ok, torch.full_like(t_star, -1), t_star)
         new = list(originals)
         # The loss needs the teacher's logits along y_r: the kept prefix's come from the scoring
         # above, the continuation's from the decode below (same context c, same positions).
@@ -495,8 +501,7 @@ class PrefixSpliceReviser(Reviser):
             # y_r gets the same length budget as a rollout: the continuation fills what t* left.
             remaining = self._budget(module) - t_star[idx]
             # min_new_tokens counts from the response's start: the kept prefix has drawn t* of them.
-            min_new = (getattr(module, "sampling", None) or Sampling()).generate_kwargs().get("min_new_tokens") or 0
-            minimum = (min_new - t_star[idx]).clamp(min=0)
+            minimum = (module.sampling.min_new_tokens - t_star[idx]).clamp(min=0)
             cont, cont_logits, fallback_rate = self._continue(module, rollout, idx, keep, remaining, minimum)
             for j, i in enumerate(picked):
                 t = int(t_star[i])
@@ -505,12 +510,13 @@ class PrefixSpliceReviser(Reviser):
         else:  # nothing to continue here; sharded ranks that have something need this one's gathers
             SpliceDecode.join(self, module)
         revised_rows = (t_star >= 0).cpu()
-        info = revision_stats(module, rollout, revised_rows, t_star.cpu(), new)
-        info["fallback_rate"] = fallback_rate
-        info["t_star_rows"] = t_star.cpu()
-        info["revision_tokens"] = sum(len(new[i]) - int(t_star[i]) for i in picked)
-        revised = assemble_rollout(module, rollout.problems, new, [module.teacher_prompt(p) for p in rollout.problems], info)
-        return revised.replace(teacher_logits=right_pad_rows(logit_rows, revised.response_ids.shape[1]))
+        stats = revision_stats(module, rollout, revised_rows, t_star.cpu(), new)
+        stats["fallback_rate"] = fallback_rate
+        stats["revision_tokens"] = sum(len(new[i]) - int(t_star[i]) for i in picked)
+        revised = assemble_rollout(
+            module, rollout.problems, new, [module.teacher_prompt(p) for p in rollout.problems], stats, t_star=t_star.cpu()
+        )
+        return revised.replace(teacher_logits=_right_pad_rows(logit_rows, revised.response_ids.shape[1]))
 
     def _continue(
         self, module, rollout: Rollout, idx: torch.Tensor, keep: list[torch.Tensor], remaining: torch.Tensor, minimum: torch.Tensor
@@ -546,7 +552,7 @@ def _fallback_rate(empty: torch.Tensor, revised_positions: torch.Tensor) -> floa
     return float((empty & revised_positions).sum()) / max(float(revised_positions.sum()), 1.0)
 
 
-def right_pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+def _right_pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     """Per-row ``[n_i, V]`` tensors stacked to ``[B, width, V]`` (zeros after each row's end)."""
     first = rows[0]
     out = first.new_zeros((len(rows), width, first.shape[-1]))

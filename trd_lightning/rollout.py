@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -20,16 +22,30 @@ from transformers import PreTrainedTokenizerBase
 
 @dataclass
 class Sampling:
-    """How rollouts are sampled (temperature 0 means greedy)."""
+    """How rollouts are sampled (temperature 0 means greedy).
+
+    Args:
+        temperature: softmax temperature of every draw; 0 samples greedily.
+        top_p: nucleus sampling: draw from the smallest set holding this much probability (1: off).
+        top_k: draw from the ``top_k`` most likely tokens (0: off).
+        max_new_tokens: the response budget: a response without EOS is cut here (and masked as is).
+        min_new_tokens: EOS is not drawn before this many tokens (0: off); it binds a revision's
+            restricted draws too, counted from the response's start.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 48
+    min_new_tokens: int = 0
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
+            )
         if not math.isfinite(self.temperature):
             raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
         if self.temperature < 0:
@@ -40,14 +56,17 @@ class Sampling:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
 
     def generate_kwargs(self) -> dict[str, Any]:
+        # min_new_tokens only when set: generate then runs exactly as without the field.
+        minimum = {"min_new_tokens": self.min_new_tokens} if self.min_new_tokens else {}
         if self.temperature == 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, **minimum}
         return {
             "do_sample": True,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k or None,
             "max_new_tokens": self.max_new_tokens,
+            **minimum,
         }
 
 
@@ -80,27 +99,89 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Rollout:
-    """Responses to a batch of problems and the contexts under which each role scores them."""
+    """Responses to a batch of problems and the contexts under which each role scores them.
+
+    Args:
+        problems: the task's problem records, one per row.
+        response_ids: ``[B, N]`` response tokens, pad after the end of each response.
+        response_mask: ``[B, N]`` bool: response tokens up to and including the stop token.
+        student: the student's context ``[x | response]``.
+        teacher: the teacher's context ``[c | response]`` (``c_r`` for a rewrite).
+        teacher_logits: ``[B, N, V]`` teacher logits along the response block, when whoever built
+            the rollout already computed them (a reviser's decode); the loss then skips its own
+            teacher forward. `replace` drops them whenever the tokens or the teacher context change.
+        seconds: wall-clock seconds spent sampling it (fused: sampling and revising together).
+        fused: sampled and revised in one decode (`PrefixSpliceReviser.sample_revised`).
+        original: the unrevised rollout ``y_o`` this one revises (two-pass revision only).
+        t_star: per row, where the revision starts (``-1``: row not revised).
+        stats: the revision statistics `TrajectoryRevision` logs under ``revision/`` (numbers only).
+        decode_steps: positions the fused decode ran over (rows that ended early ride along).
+    """
 
     problems: list
-    response_ids: torch.Tensor  # [B, N], pad after the end of each response
-    response_mask: torch.Tensor  # [B, N] bool: response tokens up to and including EOS
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
     student: Context
     teacher: Context
-    info: dict[str, Any] = field(default_factory=dict)
-    # [B, N, V] teacher logits along the response block, when whoever built the rollout already
-    # computed them (a reviser's decode); the loss then skips its own teacher forward. Dropped by
-    # `replace` whenever the tokens or the teacher context change.
     teacher_logits: torch.Tensor | None = None
+    seconds: float | None = None
+    fused: bool = False
+    original: Rollout | None = None
+    t_star: torch.Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+    decode_steps: int | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)
 
+    @property
+    def info(self) -> Mapping[str, Any]:
+        """Read-only view of the typed fields under their former ``info`` keys (``stats`` flattened
+        in), for readers written against the old side channel; write to the fields instead."""
+        view: dict[str, Any] = dict(self.stats)
+        for key, value in (("seconds", self.seconds), ("original", self.original), ("t_star_rows", self.t_star), ("decode_steps", self.decode_steps)):
+            if value is not None:
+                view[key] = value
+        if self.fused:
+            view["fused"] = True
+        return MappingProxyType(view)
+
     def replace(self, **changes) -> Rollout:
         if {"response_ids", "response_mask", "teacher"} & changes.keys() and "teacher_logits" not in changes:
             changes["teacher_logits"] = None  # stale: they belong to the old tokens or context
         return replace(self, **changes)
+
+
+def make_rollout_from_rows(
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list,
+    responses: list[torch.Tensor],
+    student_prompts: list[str],
+    teacher_prompts: list[str],
+    *,
+    max_prompt_length: int | None = None,
+    device: torch.device | str = "cpu",
+    **fields: Any,
+) -> Rollout:
+    """A `Rollout` from per-row responses (1-D, EOS included) and per-row prompts.
+
+    The one place a rollout is laid out from rows (revisers, baselines, audits). ``max_prompt_length``
+    bounds the student's prompts; the teacher's are checked where they are made (``c_r`` against
+    the reviser's budget, the plain ones against ``max_prompt_length`` before the run).
+    ``fields``: the typed fields of `Rollout` (``stats``, ``t_star``, ``teacher_logits``, ...).
+    """
+    width = max(1, max((len(r) for r in responses), default=0))
+    device = responses[0].device if responses else device
+    lengths = torch.tensor([len(r) for r in responses], device=device)
+    # One masked write (True cells enumerate row by row, as the rows are concatenated).
+    mask = torch.arange(width, device=device) < lengths.unsqueeze(1)
+    ids = torch.full((len(responses), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    if responses and int(lengths.sum()):
+        ids[mask] = torch.cat(responses).to(device=device, dtype=torch.long)
+    student = build_context(tokenizer, student_prompts, ids, mask, max_prompt_length)
+    teacher = build_context(tokenizer, teacher_prompts, ids, mask)
+    return Rollout(list(problems), ids, mask, student, teacher, **fields)
 
 
 class PromptTooLongError(ValueError):
@@ -290,3 +371,18 @@ def response_logits(model: torch.nn.Module, context: Context) -> torch.Tensor:
 def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
     rows = [ids[m].tolist() for ids, m in zip(response_ids, response_mask)]
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def decode_and_verify(task, tokenizer: PreTrainedTokenizerBase, problems: list, responses) -> tuple[list[str], list[bool]]:
+    """Each response's text (special tokens dropped) and the task's verdict on it (``task.verify``).
+
+    ``responses``: a `Rollout`, an ``(ids, mask)`` pair of ``[B, N]`` tensors, or per-row 1-D
+    token tensors (EOS included, no padding).
+    """
+    if isinstance(responses, Rollout):
+        texts = decode_responses(tokenizer, responses.response_ids, responses.response_mask)
+    elif isinstance(responses, tuple):
+        texts = decode_responses(tokenizer, *responses)
+    else:
+        texts = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
+    return texts, [bool(task.verify(p, t)) for p, t in zip(problems, texts)]

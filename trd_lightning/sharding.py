@@ -206,9 +206,8 @@ def configure_sharding(module) -> None:
     mesh = _data_parallel_mesh(strategy)
     if not is_sharded(module.student):
         shard_model(module.student, plan, mesh)
-    teacher = getattr(module, "teacher", None)
-    ema = getattr(module, "mode", None) == "opsd" and getattr(module, "opsd_teacher", None) == "ema"
-    if ema and teacher is not None and not is_sharded(teacher):
+    teacher = module.teacher
+    if module.teacher_is_training_state and teacher is not None and not is_sharded(teacher):
         shard_model(teacher, ShardingPlan(plan.decoder_layers, False, plan.mixed_precision, plan.sharding_strategy), mesh, role="teacher")
 
 
@@ -272,7 +271,10 @@ def agree_all(flag: bool, device: torch.device) -> bool:
 
 def _rollout_policy(module) -> tuple[str, torch.dtype | None, dict]:
     """The run's ``rollout_gather`` policy, the student's gather dtype, and where to remember the decision."""
-    trainer = getattr(module, "_trainer", None)
+    try:
+        trainer = module.trainer
+    except RuntimeError:  # LightningModule.trainer raises when the module is not attached to one
+        trainer = None
     strategy = getattr(trainer, "strategy", None) if trainer is not None else None
     if strategy is not None and hasattr(strategy, "rollout_gather"):
         plan = getattr(strategy, "plan", None)

@@ -75,6 +75,13 @@ class SpliceDecode:
     first token (the two-pass continuation). ``remaining``: each row's token budget; ``minimum``:
     how many tokens each row draws before EOS is allowed (the rollout's ``min_new_tokens``, which
     binds the restricted draws as it binds generate).
+
+    Args:
+        reviser: the `PrefixSpliceReviser` whose rules (t*, restricted target, lookahead) apply.
+        module: the `RolloutModel` whose student and teacher decode.
+        s_ids / s_mask / t_ids / t_mask: the left-padded student and teacher prompts.
+        remaining / minimum: per row, the token budget and the tokens before EOS is allowed.
+        propose: the student's proposals (fused form) or ``None`` (two-pass continuation).
     """
 
     # Finished rows leave the batch once this share of it has finished.

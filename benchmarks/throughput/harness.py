@@ -128,8 +128,9 @@ def load_models(setup: Setup):
 class FixedLengthSampling(Sampling):
     """Exactly ``max_new_tokens`` per rollout (EOS suppressed until then): equal work per step."""
 
-    def generate_kwargs(self):
-        return {**super().generate_kwargs(), "min_new_tokens": self.max_new_tokens}
+    def __post_init__(self):
+        self.min_new_tokens = self.max_new_tokens  # the Sampling field, so every sampler honours it
+        super().__post_init__()
 
 
 

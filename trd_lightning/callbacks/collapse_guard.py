@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-SIGNALS = ("length", "repetition", "entropy", "gap")
+_SIGNALS = ("length", "repetition", "entropy", "gap")
 
 
 def repetition_rate(response_ids: torch.Tensor, response_mask: torch.Tensor, n: int = 4) -> float:
@@ -29,7 +29,7 @@ def repetition_rate(response_ids: torch.Tensor, response_mask: torch.Tensor, n: 
     return sum(rates) / max(len(rates), 1)
 
 
-def mean_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
+def _mean_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean entropy (nats) of the distributions over masked positions."""
     logp = logits.float().log_softmax(-1)
     ent = -(logp.exp() * logp).sum(-1)
@@ -130,9 +130,9 @@ class CollapseGuard(Callback):
         self.alerts: list[dict] = []
         self.rollbacks = 0
         self.last_good_step: int | None = None
-        self._warm: dict[str, list[float]] = {k: [] for k in SIGNALS}
-        self._recent: dict[str, deque] = {k: deque(maxlen=window) for k in SIGNALS}
-        self._streak: dict[str, int] = dict.fromkeys(SIGNALS, 0)
+        self._warm: dict[str, list[float]] = {k: [] for k in _SIGNALS}
+        self._recent: dict[str, deque] = {k: deque(maxlen=window) for k in _SIGNALS}
+        self._streak: dict[str, int] = dict.fromkeys(_SIGNALS, 0)
         self._seen_gap: tuple[float, float] | None = None
         self._pending: dict[str, float] = {}
         self._pending_step = 0
@@ -142,14 +142,14 @@ class CollapseGuard(Callback):
         rollout = batch.get("rollout") if isinstance(batch, dict) else None
         if rollout is None:
             return
-        raw = rollout.info.get("original", rollout)  # the student's own y_o, before revision
+        raw = rollout.original or rollout  # the student's own y_o, before revision
         signals = {
             "length": float(raw.response_mask.sum(-1).float().mean()),
             "repetition": repetition_rate(raw.response_ids, raw.response_mask, self.ngram),
         }
         if self.entropy_ratio is not None and trainer.global_step % self.entropy_every_n_steps == 0:
             with torch.no_grad():  # measured before this step's update, on the weights that sampled y_o
-                signals["entropy"] = mean_entropy(pl_module.score(raw.student, role="student"), raw.response_mask)
+                signals["entropy"] = _mean_entropy(pl_module.score(raw.student, role="student"), raw.response_mask)
         self._pending = signals
         self._pending_step = trainer.global_step  # the step whose weights sampled y_o
 
@@ -247,7 +247,7 @@ class CollapseGuard(Callback):
             record.update(values)
             firing += dropped
         bs = len(batch["rollout"].problems) if isinstance(batch, dict) and "rollout" in batch else 1
-        for name in SIGNALS:
+        for name in _SIGNALS:
             if name in record:
                 pl_module.log(f"collapse/{name}", record[name], batch_size=bs)
         alert = trainer.strategy.reduce_boolean_decision(bool(firing), all=False)
@@ -291,7 +291,7 @@ class CollapseGuard(Callback):
         for optimizer, state in zip(trainer.optimizers, ckpt.get("optimizer_states", [])):
             optimizer.load_state_dict(state)
         self.rollbacks += 1
-        for name in SIGNALS:  # judge the restored weights afresh
+        for name in _SIGNALS:  # judge the restored weights afresh
             self._recent[name].clear()
             self._streak[name] = 0
         for name in self.drops:

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from trd_lightning.metrics import DerivationCoverage, PassAtK, distinct_derivations
-from trd_lightning.rollout import Sampling, decode_responses
+from trd_lightning.rollout import Sampling, decode_and_verify
 
 
 class PassAtKEvaluation(Callback):
@@ -84,13 +84,14 @@ class PassAtKEvaluation(Callback):
     def evaluate_batch(self, module: LightningModule, problems: list, batch_idx: int) -> torch.Tensor:
         """Correct-sample counts ``[B]`` for one batch of problems."""
         prompts = [self._prompt(module, p) for p in problems]
-        rank = module.global_rank if module._trainer is not None else 0
+        rank = module.global_rank  # LightningModule's: 0 without a trainer
         devices = [module.device] if module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed + 100_003 * batch_idx + 7919 * rank)
             ids, mask = module.sample(prompts, role=self.role, sampling=self.sampling, num_return_sequences=self.n)
-        texts = decode_responses(module.tokenizer, ids, mask)
-        correct = torch.tensor([module.task.verify(problems[i // self.n], t) for i, t in enumerate(texts)])
+        repeated = [problems[i // self.n] for i in range(len(ids))]
+        texts, verdicts = decode_and_verify(module.task, module.tokenizer, repeated, (ids, mask))
+        correct = torch.tensor(verdicts)
         self._record_coverage(module.task, problems, texts)
         return correct.view(len(problems), self.n).sum(-1)
 

@@ -12,7 +12,7 @@ from lightning.pytorch import Callback
 
 from trd_lightning.audit import json_safe, diagnose, first_errors, rollout_traces, summarize
 from trd_lightning.diagnostics import check_criterion, onset_token_ids
-from trd_lightning.rollout import decode_responses
+from trd_lightning.rollout import decode_and_verify
 
 
 class PrefixAudit(Callback):
@@ -94,11 +94,11 @@ class PrefixAudit(Callback):
                 "or attach a trd_lightning.rollout.Rollout to the batch before on_train_batch_start"
             )
         self._last_step = trainer.global_step
-        if rollout.info.get("fused"):
+        if rollout.fused:
             # Sampled already revised (fused splice): there is no raw rollout to audit.
             self.last = self._audit(trainer, pl_module, rollout, "audit/revised/", "revised")
             return
-        original = rollout.info.get("original")
+        original = rollout.original
         stats = self._audit(trainer, pl_module, original if original is not None else rollout, "audit/", "raw")
         if original is not None:
             stats.update(self._audit(trainer, pl_module, rollout, "audit/revised/", "revised"))
@@ -109,8 +109,8 @@ class PrefixAudit(Callback):
         if self.onset_ids is None:  # used outside fit (a test driving hooks by hand)
             self.setup(trainer, module, "fit")
         d = diagnose(module, rollout, self.onset_ids, **self.diag_kwargs)
-        texts = decode_responses(tok, rollout.response_ids, rollout.response_mask)
-        correct = torch.tensor([bool(task.verify(p, t)) for p, t in zip(rollout.problems, texts)])
+        texts, verdicts = decode_and_verify(task, tok, rollout.problems, rollout)
+        correct = torch.tensor(verdicts)
         first, source = first_errors(task, tok, rollout, texts, d, "auto")
         summary = summarize(d, first, correct, window=0)
         mean, after = summary["mean"], summary["after_error"]

@@ -11,7 +11,7 @@ from trd_lightning.engines.base import RolloutEngine, prompt_rows, response_bloc
 from trd_lightning.rollout import Sampling, eval_mode, sample_responses, stop_token_ids
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Raw log-probability of each token of a response block (0 at padding)."""
     lp = logits.float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return lp.masked_fill(~mask, 0.0)
@@ -22,6 +22,9 @@ class HFEngine(RolloutEngine):
 
     The default, and the only engine that also hands back the logits along the response
     (``return_logits=True``), which the rewrite reviser reuses as the teacher's logits.
+
+    Args:
+        (none: the sampling settings come with each ``generate`` call)
     """
 
     name = "hf"
@@ -36,7 +39,7 @@ class HFEngine(RolloutEngine):
         if not return_logprobs:
             return out if return_logits else out[:2]
         ids, mask, logits = out
-        lp = token_logprobs(logits, ids, mask)
+        lp = _token_logprobs(logits, ids, mask)
         return (ids, mask, lp, logits) if return_logits else (ids, mask, lp)
 
 

@@ -56,7 +56,7 @@ _INSTALL_HINT = (
 )
 
 
-def import_vllm():
+def _import_vllm():
     """vllm, or an ImportError that says how to get it (the engine is an optional extra)."""
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -84,7 +84,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (full_tensor() if callable(full_tensor) else t).detach()
 
 
-def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights under Hugging Face checkpoint names, one full tensor at a time.
 
     LoRA (peft): each adapted layer's weight is merged as ``W + get_delta_weight(adapter)`` for the
@@ -116,12 +116,20 @@ def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield (clean[len(prefix):] if clean.startswith(prefix) else clean), tensor
 
 
-def weights_version(model: torch.nn.Module) -> tuple:
+def _weights_version(model: torch.nn.Module) -> tuple:
     """Changes whenever a parameter is updated in place (optimizer, EMA, load_state_dict) or replaced."""
     return tuple((id(p), p._version) for p in model.parameters())
 
 
 class VLLMEngine(RolloutEngine):
+    """Rollouts from a colocated ``vllm.LLM`` that follows the trained weights (the module docstring says how).
+
+    Args:
+        kwargs: extra ``vllm.LLM`` arguments (``gpu_memory_utilization``, ``max_num_seqs``...).
+        sleep: put the engine to sleep between rollouts (the training step gets the memory back);
+            ``None``: where the platform supports it (CUDA/ROCm/XPU, not the CPU build).
+    """
+
     name = "vllm"
 
     def __init__(self, kwargs: dict[str, Any] | None = None, sleep: bool | None = None):
@@ -131,7 +139,7 @@ class VLLMEngine(RolloutEngine):
 
     # --- before compute ---------------------------------------------------------------------
     def check(self, model, tokenizer, sampling: Sampling) -> None:
-        vllm = import_vllm()
+        vllm = _import_vllm()
         archs = list(getattr(base_model(model).config, "architectures", None) or [type(base_model(model)).__name__])
         supported = vllm.ModelRegistry.get_supported_archs()
         if not any(a in supported for a in archs):
@@ -162,14 +170,14 @@ class VLLMEngine(RolloutEngine):
         if entry.asleep:
             entry.llm.wake_up()
             entry.asleep = False
-        version = weights_version(model)
+        version = _weights_version(model)
         if version != entry.version:
             self.sync(entry)
             entry.version = version
         return entry
 
     def _build(self, model: torch.nn.Module):
-        vllm = import_vllm()
+        vllm = _import_vllm()
         inner = base_model(model)
         if getattr(inner, "is_quantized", False):
             # The sync pushes plain tensors into an unquantized engine; bitsandbytes weights are not those.
@@ -203,7 +211,7 @@ class VLLMEngine(RolloutEngine):
 
     def sync(self, entry: _Served) -> None:
         """Push the model's current weights into its engine (one tensor at a time)."""
-        weights = hf_weights(entry.model)
+        weights = _hf_weights(entry.model)
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1":
             weights = list(weights)  # a spawned engine receives a pickle, not a generator
         entry.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})

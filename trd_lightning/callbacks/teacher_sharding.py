@@ -62,12 +62,11 @@ class TeacherSharding(Callback):
         self.placement, self.dtype, self.decoder_layers = placement, dtype, decoder_layers
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        teacher = getattr(pl_module, "teacher", None)
+        teacher = pl_module.teacher
         if teacher is None:
             return  # live OPSD: the student itself plays the teacher, nothing separate to prepare
-        ema = getattr(pl_module, "mode", None) == "opsd" and getattr(pl_module, "opsd_teacher", None) == "ema"
         strategy = trainer.strategy
-        if ema:
+        if pl_module.teacher_is_training_state:
             # The EMA update pairs teacher and student parameters one to one: the student's
             # sharding (configure_sharding) and dtype apply to it, nothing here.
             if self.placement == "replicate" and isinstance(strategy, ModelParallelStrategy):
