@@ -288,6 +288,10 @@ def main() -> None:
         help="merge into the existing results of this mode: re-run --methods, keep the other methods' runs",
     )
     parser.add_argument("--fresh", action="store_true", help="re-run every job, ignoring the finished runs kept under runs_<mode>/")
+    parser.add_argument(
+        "--table-only", action="store_true",
+        help="run nothing: write the table from the finished runs under runs_<mode>/ (a partial table names its missing runs)",
+    )
     args = parser.parse_args()
     if args.steps is not None:
         MODES[args.mode]["steps"] = args.steps
@@ -310,6 +314,8 @@ def main() -> None:
     done = {(r["method"], r["seed"]) for r in results}
     todo = [j for j in jobs if (j["method"], j["seed"]) not in done]
     print(f"{len(jobs)} runs: {len(results)} from {cache}, {len(todo)} to run", flush=True)
+    missing = [f"{j['method']} seed {j['seed']}" for j in todo] if args.table_only else []
+    todo = [] if args.table_only else todo
     start = time.perf_counter()
     with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
         for result in pool.imap_unordered(run_one, todo):
@@ -329,6 +335,8 @@ def main() -> None:
     rows = summarise(results, ["initial", *methods])
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, args.mode, args.seeds, minutes, earlier, sorted({r.get("commit", "unknown") for r in results}))
+    if missing:
+        table += f"\n**Partial table**: {len(missing)} of {len(jobs)} runs not made yet: {', '.join(missing)}.\n"
     (args.out / f"reproduction_{args.mode}.md").write_text(table)
     (args.out / f"reproduction_{args.mode}.json").write_text(json.dumps({"mode": args.mode, "runs": results}, indent=1))
     plot(rows, args.out / f"reproduction_{args.mode}.png", results)

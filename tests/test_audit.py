@@ -172,7 +172,7 @@ class HistogramLogger(Logger):
 
 class CopyReviser(Reviser):
     def revise(self, module, rollout):
-        return rollout.replace(info={})
+        return rollout.replace(stats={})
 
 
 def test_prefix_audit_logs_and_writes_traces_when_due(module, task, tmp_path):
