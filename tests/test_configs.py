@@ -192,3 +192,13 @@ def test_data_and_task_arguments_have_help_text():
     assert "problems per training step" in data
     task = _help("--data.help", "trd_lightning.PromptDataModule", "--data.task.help", "trd_lightning.tasks.ArithmeticTask")
     assert "fewest operations in a problem" in task
+
+
+def test_expanded_arguments_expand_to_themselves():
+    """A DDP/FSDP child process is re-launched with the already expanded argument list, whose
+    inline JSON configs must pass through (they were once read as file names: OSError, name too long)."""
+    from trd_lightning.compose import expand_bases
+
+    once = expand_bases(["fit", "-c", "configs/arith/trd_splice.yaml", "-c", "configs/fsdp.yaml"])
+    assert any(a.startswith("{") for a in once)
+    assert expand_bases(once) == once

@@ -64,8 +64,20 @@ def _read(path: Path):
         return None  # not a readable YAML file: jsonargparse (or check_config_files) names the problem
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # e.g. a config given inline as a string: too long a "file name"
+        return False
+
+
 def _expand(name: str, named_by: Path | None, seen: set[Path], classes: set[str], chain: tuple[Path, ...], check) -> list:
     path = Path(name) if named_by is None else named_by.parent / name
+    if named_by is None and not _is_file(path):
+        # Not a file: a config given inline (LightningCLI accepts a YAML/JSON string after -c; a
+        # DDP child process is re-launched with the already expanded arguments, which hold such
+        # strings) or a missing file, which check_config_files / jsonargparse name.
+        return ["-c", name]
     resolved = path.resolve()
     if named_by is not None:
         if resolved in chain:
@@ -83,7 +95,7 @@ def _expand(name: str, named_by: Path | None, seen: set[Path], classes: set[str]
         rank_zero_info(f"config file {str(path)!r} is read once: it was read already in this command")
         return []
     seen.add(resolved)
-    data = _read(path) if path.is_file() else None
+    data = _read(path) if _is_file(path) else None
     if not isinstance(data, dict):
         return ["-c", name if named_by is None else str(path)]
     bases = data.get(BASE_KEY, [])
