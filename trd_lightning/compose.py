@@ -95,7 +95,7 @@ def _expand(name: str, named_by: Path | None, seen: set[Path], classes: set[str]
         rank_zero_info(f"config file {str(path)!r} is read once: it was read already in this command")
         return []
     seen.add(resolved)
-    data = _read(path) if _is_file(path) else None
+    data = _read(path)  # a file: a top-level non-file returned above, a missing base was refused
     if not isinstance(data, dict):
         return ["-c", name if named_by is None else str(path)]
     bases = data.get(BASE_KEY, [])
